@@ -1,0 +1,52 @@
+"""``scrapy crawl`` with start-up validation and meaningful exit codes.
+
+Scrapy's own command exits 0 whatever the finish reason, and a bad setting
+shows up as a traceback from deep inside a component. A supervisor (our
+primary, scrapyd, systemd) needs a one-line error and an exit code instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from scrapy.commands.crawl import Command as ScrapyCrawlCommand
+
+
+from hexscrape.config import ConfigError
+from hexscrape.exitcodes import EXIT_CONFIG, exit_code_for
+from hexscrape.logredact import install_redaction
+from hexscrape.middlewares import crawler_config
+
+if TYPE_CHECKING:
+    import argparse
+
+
+class Command(ScrapyCrawlCommand):
+    def run(self, args: list[str], opts: argparse.Namespace) -> None:
+        if len(args) != 1:
+            return super().run(args, opts)
+        assert self.crawler_process
+        crawler = self._create_crawler(args[0])
+        try:
+            config = crawler_config(crawler)
+            check = getattr(crawler.spidercls, "check_args", None)
+            if check is not None:
+                check(opts.spargs)
+        except ConfigError as exc:
+            print(f"hexscrape: error: {exc}", file=sys.stderr)
+            self.exitcode = EXIT_CONFIG
+            return None
+        install_redaction(config.secrets())
+
+        self.crawler_process.crawl(crawler, **opts.spargs)
+        self.crawler_process.start()
+        if self.crawler_process.bootstrap_failed:
+            self.exitcode = 1
+            return None
+        reason: Any = crawler.stats.get_value("finish_reason") if crawler.stats else None
+        self.exitcode = exit_code_for(reason)
+        return None
+
+
+
