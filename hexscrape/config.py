@@ -94,6 +94,30 @@ def _lookup(
     return None, ""
 
 
+def setting_or_env(
+    get_setting: Callable[[str], Any] | None,
+    name: str,
+    default: Any = None,
+    env: Mapping[str, str] | None = None,
+) -> Any:
+    """A hexscrape option: the Scrapy setting if set, else the environment."""
+    value, _ = _lookup(name, get_setting, os.environ if env is None else env)
+    return default if value is None else value
+
+
+def float_option(get_setting: Callable[[str], Any] | None, name: str, default: float) -> float:
+    raw = setting_or_env(get_setting, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={value} must be >= 0")
+    return value
+
+
 def _int(name: str, raw: Any, where: str, *, minimum: int) -> int:
     try:
         value = int(str(raw).strip())

@@ -31,7 +31,12 @@ from scrapy.core.downloader.handlers.http11 import (
 from scrapy.utils.python import to_bytes
 from scrapy.utils.url import add_http_if_no_scheme
 
-from hexscrape.middlewares import META_SESSION
+from hexscrape.middlewares import (
+    META_ASSIGNED,
+    META_SESSION,
+    SessionUnavailable,
+    crawler_config,
+)
 
 if TYPE_CHECKING:
     from twisted.web.client import Agent
@@ -80,7 +85,7 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
         # Keep as many idle connections per session as it may have in flight.
         self._pool.maxPersistentPerHost = max(
             self._pool.maxPersistentPerHost,
-            crawler.settings.getint("SESSION_CONCURRENCY", 0) or 10,
+            crawler_config(crawler).session_concurrency,
         )
 
     def _session_pool(self) -> SessionPool | None:
@@ -93,6 +98,11 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
             return await self._download(request)
         if not pool.try_acquire(sid):
             await _wait_for_capacity(pool, sid)
+        health = getattr(self._crawler, "hexscrape_health", None)
+        if health is not None and request.meta.get(META_ASSIGNED) and not health.usable(sid):
+            # banned while this request waited for it: the middleware re-routes it
+            pool.release(sid)
+            raise SessionUnavailable(sid)
         try:
             return await self._download(request)
         finally:

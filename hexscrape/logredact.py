@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 
 REDACTED = "***"
+MIN_SECRET_LEN = 4  # shorter strings would mangle every log line, and hide nothing
 
 
 class RedactSecrets(logging.Filter):
@@ -32,7 +33,7 @@ class RedactSecrets(logging.Filter):
 
 def install_redaction(secrets: Iterable[str]) -> None:
     """Add (once) a redacting filter to every handler of the root logger."""
-    secrets = [s for s in secrets if s]
+    secrets = [s for s in secrets if len(s) >= MIN_SECRET_LEN]
     if not secrets:
         return
     for handler in logging.getLogger().handlers:

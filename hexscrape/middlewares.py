@@ -10,16 +10,26 @@ connection pools live in :mod:`hexscrape.handlers`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.misc import load_object
 
-from hexscrape.config import ConfigError, HexConfig, load_config
+from hexscrape.config import ConfigError, HexConfig, float_option, load_config, setting_or_env
+from hexscrape.health import (
+    AUTH,
+    BAN,
+    OK,
+    HealthPolicy,
+    SessionChecker,
+    SessionHealth,
+    retry_after_seconds,
+)
 from hexscrape.logredact import install_redaction
 from hexscrape.sessions import AuthFailureTracker, SessionConfig, SessionPool
 
@@ -39,54 +49,112 @@ META_ASSIGNED = "_hexscrape_assigned"
 """Request meta: True when META_SESSION was chosen by us, not pinned by the user
 (so a retry or redirect copy gets a fresh choice)."""
 
-_TUNNEL_STATUS = re.compile(r"'status': (\d{3})")
-
 FINISH_REASON_AUTH = "proxy_auth_failed"
 
 
-def tunnel_status(exc: BaseException) -> int | None:
-    """The proxy's status code inside a Scrapy ``TunnelError``, if any."""
-    if type(exc).__name__ != "TunnelError":
-        return None
-    m = _TUNNEL_STATUS.search(str(exc))
-    return int(m.group(1)) if m else None
+class SessionUnavailable(Exception):
+    """Raised by the download handler for a request whose session was banned
+    while the request waited for it; the middleware re-routes the request."""
+
+
+def health_policy(get_setting: Any) -> HealthPolicy:
+    return HealthPolicy(
+        cooldown_base=float_option(get_setting, "SESSION_COOLDOWN", 30.0),
+        cooldown_max=float_option(get_setting, "SESSION_COOLDOWN_MAX", 1800.0),
+        max_requests=int(float_option(get_setting, "SESSION_MAX_REQUESTS", 0)),
+        max_age=float_option(get_setting, "SESSION_MAX_AGE", 0.0),
+    )
 
 
 def crawler_config(crawler: Crawler) -> HexConfig:
-    """The validated config of *crawler*, computed once and cached on it."""
+    """The validated config of *crawler*, computed once and cached on it.
+
+    Also validates the session-health options, so that a bad value is a
+    one-line start-up error rather than a traceback.
+    """
     cfg = getattr(crawler, "hexscrape_config", None)
     if cfg is None:
         cfg = load_config(crawler.settings.get)
+        health_policy(crawler.settings.get)
         crawler.hexscrape_config = cfg  # type: ignore[attr-defined]
     return cfg
 
 
-class StickySessionMiddleware:
-    """Assigns sticky proxy sessions round-robin within this process's slice.
+class RedisHealthStore:
+    """Session health in a Redis hash ``<prefix>:session_health`` (no secrets).
 
-    Settings: ``HEXSCRAPE_SESSIONS_ENABLED`` (default True),
-    ``HEXSCRAPE_SESSION_CONFIG`` (a :class:`~hexscrape.sessions.SessionConfig`
-    subclass path), plus the proxy/slice settings of :mod:`hexscrape.config`.
+    Written only when a session's state changes (bans are rare), read once at
+    start, so a respawned worker skips sessions that are still cooling down.
+    """
+
+    def __init__(self, url: str, key: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.key = key
+
+    def load(self, sessions: Any) -> dict[str, str]:
+        import redis
+
+        names = list(sessions)
+        try:
+            values = self.client.hmget(self.key, names)
+        except redis.RedisError as exc:
+            logger.warning("cannot read session health from Redis: %s", exc)
+            return {}
+        return {n: v.decode() for n, v in zip(names, values) if v}
+
+    def save(self, session: str, raw: str) -> None:
+        import redis
+
+        try:
+            self.client.hset(self.key, session, raw)
+        except redis.RedisError as exc:
+            logger.warning("cannot save health of session %s to Redis: %s", session, exc)
+
+
+class StickySessionMiddleware:
+    """Assigns sticky proxy sessions round-robin within this process's slice,
+    takes banned sessions out of rotation and retries their requests elsewhere.
+
+    Settings (defaults): ``HEXSCRAPE_SESSIONS_ENABLED`` (True),
+    ``HEXSCRAPE_SESSION_CONFIG`` (:class:`hexscrape.sessions.SessionConfig`),
+    ``SESSION_CHECKER`` (:class:`hexscrape.health.SessionChecker`),
+    ``SESSION_COOLDOWN`` (30 s, doubling per consecutive ban up to
+    ``SESSION_COOLDOWN_MAX``, 1800 s), ``SESSION_MAX_REQUESTS`` (0 = off),
+    ``SESSION_MAX_AGE`` (seconds, 0 = off), plus the proxy/slice settings of
+    :mod:`hexscrape.config`.
     """
 
     def __init__(self, crawler: Crawler, config: HexConfig) -> None:
         self.crawler = crawler
         self.config = config
         self.stats = crawler.stats
+        settings = crawler.settings
         self.pool = SessionPool(config.sessions, config.session_concurrency)
         crawler.hexscrape_pool = self.pool  # type: ignore[attr-defined]
         policy_cls = load_object(
-            crawler.settings.get("HEXSCRAPE_SESSION_CONFIG")
-            or "hexscrape.sessions.SessionConfig"
+            settings.get("HEXSCRAPE_SESSION_CONFIG") or "hexscrape.sessions.SessionConfig"
         )
         self.policy: SessionConfig = policy_cls(crawler)
+        checker_cls = load_object(settings.get("SESSION_CHECKER") or "hexscrape.health.SessionChecker")
+        self.checker: SessionChecker = checker_cls(crawler)
+        store = None
+        redis_url = setting_or_env(settings.get, "REDIS_URL")
+        if redis_url:
+            prefix = setting_or_env(settings.get, "REDIS_KEY_PREFIX", "ip")
+            store = RedisHealthStore(redis_url, f"{prefix}:session_health")
+        self.health = SessionHealth(self.pool.sessions, health_policy(settings.get), store=store)
+        crawler.hexscrape_health = self.health  # type: ignore[attr-defined]
         self.auth = AuthFailureTracker(self.pool.sessions)
         self._proxy_urls = {s: config.proxy_url(s) for s in self.pool.sessions}
-        self._stat_keys = {
-            s: f"hexscrape/session/{s}/requests" for s in self.pool.sessions
+        self._keys = {
+            s: {k: f"hexscrape/session/{s}/{k}" for k in ("requests", "bans", "cooldowns", "retired")}
+            for s in self.pool.sessions
         }
         self._auth_warned: set[str] = set()
         self._closing = False
+        self._waiting_logged = False
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -108,8 +176,16 @@ class StickySessionMiddleware:
             s[0], s[-1], len(s), self.config.gateway, self.config.user,
             self.pool.max_in_flight,
         )
+        cooling = self.health.cooling()
+        if cooling:
+            logger.info(
+                "%d session(s) still cooling down from earlier bans: %s",
+                len(cooling), ", ".join(f"{k} ({v:.0f}s)" for k, v in sorted(cooling.items())),
+            )
 
-    def process_request(self, request: Request) -> None:
+    # -- choosing --------------------------------------------------------------
+
+    def process_request(self, request: Request) -> Any:
         meta = request.meta
         if not self.policy.enabled(request):
             meta["proxy"] = None  # direct; HttpProxyMiddleware drops any creds
@@ -127,30 +203,100 @@ class StickySessionMiddleware:
                     request.url,
                 )
                 raise IgnoreRequest(f"session {current} is outside this slice")
-            sid = current
-        else:
-            sid = self.policy.pick(request, self.pool)
-            meta[META_SESSION] = sid
+            self._assign(request, current, assigned=False)
+            return None
+        if self.health.earliest_return() > 0:
+            return self._wait_and_assign(request)  # every session is resting
+        self._assign(request, self.policy.pick(request, self.pool, self.health.usable), assigned=True)
+        return None
+
+    async def _wait_and_assign(self, request: Request) -> None:
+        while (delay := self.health.earliest_return()) > 0:
+            if not self._waiting_logged:
+                self._waiting_logged = True
+                logger.warning(
+                    "all %d sessions of this slice are cooling down; waiting %.0f s "
+                    "for the first to come back", len(self.pool.sessions), delay,
+                )
+            await asyncio.sleep(min(delay, 5.0))
+        self._waiting_logged = False
+        self._assign(request, self.policy.pick(request, self.pool, self.health.usable), assigned=True)
+
+    def _assign(self, request: Request, sid: str, *, assigned: bool) -> None:
+        meta = request.meta
+        meta[META_SESSION] = sid
+        if assigned:
             meta[META_ASSIGNED] = True
         meta["proxy"] = self._proxy_urls[sid]
-        meta["cookiejar"] = sid  # a site's cookies never cross exit IPs
-        self.stats.inc_value(self._stat_keys[sid])
-        return None
+        meta["cookiejar"] = self.health.jar(sid)  # cookies never cross exit IPs
+        keys = self._keys[sid]
+        self.stats.inc_value(keys["requests"])
+        if self.health.served(sid):
+            self.stats.inc_value(keys["retired"])
+            logger.info("session %s retired (SESSION_MAX_REQUESTS/SESSION_MAX_AGE)", sid)
 
-    def process_response(self, request: Request, response: Response) -> Response:
+    # -- judging ---------------------------------------------------------------
+
+    def process_response(self, request: Request, response: Response) -> Request | Response:
         sid = request.meta.get(META_SESSION)
-        if isinstance(sid, str) and sid in self.pool:
-            if response.status == 407:
-                self._auth_rejected(sid)
-            else:
-                self.auth.ok(sid)
+        if not (isinstance(sid, str) and sid in self.pool):
+            return response
+        verdict = self.checker.check_response(request, response)
+        if verdict == OK:
+            self.auth.ok(sid)
+            self.health.ok(sid)
+            return response
+        if verdict == AUTH:
+            self._auth_rejected(sid)
+            return response
+        if verdict == BAN:
+            retry_after = retry_after_seconds(response.headers.get(b"Retry-After"))
+            self._banned(sid, f"HTTP {response.status}", retry_after)
+            return self._retry_elsewhere(request, f"session ban (HTTP {response.status})") or response
         return response
 
-    def process_exception(self, request: Request, exception: Exception) -> None:
+    def process_exception(self, request: Request, exception: Exception) -> Request | None:
         sid = request.meta.get(META_SESSION)
-        if isinstance(sid, str) and sid in self.pool and tunnel_status(exception) == 407:
+        if not (isinstance(sid, str) and sid in self.pool):
+            return None
+        if isinstance(exception, SessionUnavailable):
+            new = request.copy()
+            new.dont_filter = True
+            new.meta.pop(META_SESSION, None)
+            new.meta.pop("cookiejar", None)
+            self.stats.inc_value("hexscrape/session/rerouted")
+            return new
+        verdict = self.checker.check_exception(request, exception)
+        if verdict == AUTH:
             self._auth_rejected(sid)
+        elif verdict == BAN:
+            self._banned(sid, type(exception).__name__, None)
+            return self._retry_elsewhere(request, exception)
         return None
+
+    def _banned(self, sid: str, why: str, retry_after: float | None) -> None:
+        keys = self._keys[sid]
+        self.stats.inc_value(keys["bans"])
+        if not self.health.usable(sid):
+            return  # a straggler of a ban already handled
+        delay = self.health.banned(sid, retry_after)
+        self.stats.inc_value(keys["cooldowns"])
+        logger.info("session %s cooled down for %.0f s after %s", sid, delay, why)
+
+    def _retry_elsewhere(self, request: Request, reason: Any) -> Request | None:
+        """A retry copy that will get a fresh session (counts against RETRY_TIMES)."""
+        if request.meta.get("dont_retry") or not request.meta.get(META_ASSIGNED):
+            return None  # opted out of retries, or pinned by the user
+        spider = self.crawler.spider
+        new = get_retry_request(
+            request, spider=spider, reason=reason,
+            max_retry_times=request.meta.get("max_retry_times", self.crawler.settings.getint("RETRY_TIMES")),
+        ) if spider is not None else None
+        if new is not None:
+            new.meta.pop(META_SESSION, None)
+            new.meta.pop("cookiejar", None)
+            self.stats.inc_value("hexscrape/session/retried_elsewhere")
+        return new
 
     def _auth_rejected(self, sid: str) -> None:
         self.stats.inc_value("hexscrape/proxy/auth_rejected")

@@ -152,6 +152,11 @@ class SessionConfig:
         """Whether *request* goes through a sticky session at all."""
         return request.meta.get("hexscrape_session", True) is not False
 
-    def pick(self, request: Any, pool: SessionPool) -> str:
-        """The session for a request that is not pinned."""
-        return pool.next_session()
+    def pick(
+        self, request: Any, pool: SessionPool, usable: Callable[[str], bool] | None = None
+    ) -> str:
+        """The session for a request that is not pinned.
+
+        *usable* tells which sessions are healthy (not cooling down).
+        """
+        return pool.next_session(usable)
