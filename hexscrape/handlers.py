@@ -99,7 +99,7 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
         if not pool.try_acquire(sid):
             await _wait_for_capacity(pool, sid)
         health = getattr(self._crawler, "hexscrape_health", None)
-        if health is not None and request.meta.get(META_ASSIGNED) and not health.usable(sid):
+        if health is not None and request.meta.get(META_ASSIGNED) and health.is_banned(sid):
             # banned while this request waited for it: the middleware re-routes it
             pool.release(sid)
             raise SessionUnavailable(sid)

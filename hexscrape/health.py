@@ -33,6 +33,7 @@ class SessionState:
     generation: int = 0
     requests: int = 0
     started_at: float = 0.0  # when the current generation started serving
+    banned: bool = False  # resting because of a ban (not a planned retirement)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -85,6 +86,14 @@ class SessionHealth:
     def usable(self, session: str) -> bool:
         return self.state[session].cool_until <= self.clock()
 
+    def is_banned(self, session: str) -> bool:
+        """Resting because of a ban: requests already routed to it must move.
+
+        (A retired session finishes what it was handed.)
+        """
+        st = self.state[session]
+        return st.banned and st.cool_until > self.clock()
+
     def cooling(self) -> dict[str, float]:
         """Sessions still cooling down, with seconds left."""
         now = self.clock()
@@ -136,6 +145,7 @@ class SessionHealth:
         st = self.state[session]
         now = self.clock()
         st.cool_until = now + delay
+        st.banned = ban
         st.generation += 1
         st.requests = 0
         st.started_at = now + delay

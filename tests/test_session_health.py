@@ -132,3 +132,46 @@ def test_cookies_never_travel_to_another_session(sandbox, crawl, tmp_path):
                 names = {c.split("=")[0].strip() for c in value.split(";")}
                 assert names <= set_by_ip[rec["ip"]], (rec["ip"], names)
     assert sent > 0  # cookies were replayed within their own session
+
+
+def test_whole_slice_cooling_waits_then_resumes(sandbox, tmp_path):
+    sandbox.gateway.ban("s000", after=0, mode="429", retry_after=1)
+    urls = [f"{sandbox.http_origin}/ip?n={i}" for i in range(6)]
+    env = crawler_env(sandbox, SESSION_CONCURRENCY=1, SESSION_COOLDOWN=0.5,
+                      SESSION_RANGE_START=0, SESSION_RANGE_END=1)
+    proc = subprocess.Popen(
+        crawl_cmd("-a", url_file(tmp_path, urls), "-O", str(tmp_path / "o.jsonl")),
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(r["status"] == 429 for r in sandbox.gateway.records()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        sandbox.gateway.unban("s000")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert err.count("all 1 sessions of this slice are cooling down") == 1  # logged once
+    statuses = [r["status"] for r in sandbox.gateway.records()]
+    # the ban, at most one request that was already handed the session, then
+    # nothing until the cool-down (Retry-After: 1 s) ended: waited, did not spin
+    bans = statuses.count(429)
+    assert 1 <= bans <= 2 and statuses == [429] * bans + [200] * 6
+    first_ok = next(r["ts"] for r in sandbox.gateway.records() if r["status"] == 200)
+    first_ban = sandbox.gateway.records()[0]["ts"]
+    assert first_ok - first_ban >= 0.9
+
+
+def test_sessions_retire_after_max_requests_with_a_fresh_cookie_jar(sandbox, crawl, tmp_path):
+    urls = [f"{sandbox.http_origin}/cookies/set?c=1"] + [f"{sandbox.http_origin}/cookies?n={i}" for i in range(8)]
+    env = crawler_env(sandbox, SESSION_CONCURRENCY=1, SESSION_RANGE_START=0, SESSION_RANGE_END=1,
+                      SESSION_MAX_REQUESTS=4, SESSION_COOLDOWN=0.1)
+    res = crawl("-a", url_file(tmp_path, urls), "-s", "CONCURRENT_REQUESTS=1", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stats["hexscrape/session/s000/retired"] == 2
+    cookies = [any(n.lower() == "cookie" for n, _ in r["headers"]) for r in sandbox.origin.records()]
+    # requests 2-4 replay the cookie; after retirement the jar starts empty
+    assert cookies[:4] == [False, True, True, True]
+    assert not any(cookies[4:])
