@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -30,7 +30,10 @@ CONFIG_NAMES = (
     "SESSION_RANGE_START",
     "SESSION_RANGE_END",
     "SESSION_CONCURRENCY",
+    "SESSION_RANGE",
+    "SESSION_SLICE_SIZE",
 )
+DEFAULT_SLICE_SIZE = 10
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,10 @@ class HexConfig:
     range_end: int
     worker_slot: str | None
     session_concurrency: int
+    auto_slice: int | None = None  # SESSION_RANGE=auto: claim this many in Redis
+
+    def with_range(self, start: int, end: int) -> HexConfig:
+        return replace(self, range_start=start, range_end=end, auto_slice=None)
 
     @property
     def sessions(self) -> list[str]:
@@ -78,6 +85,20 @@ class HexConfig:
             return []
         out = {self.password, quote(self.password, safe="")}
         return sorted(s for s in out if s)
+
+
+def redact_url(url: str) -> str:
+    """*url* without its password, for messages (redis://:pw@host → redis://***@host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 def _lookup(
@@ -173,6 +194,27 @@ def load_config(
         else _int("SESSION_POOL_SIZE", raw_pool, where, minimum=1)
     )
 
+    auto_slice = None
+    raw_range, _ = look("SESSION_RANGE")
+    if raw_range is not None:
+        if str(raw_range).strip().lower() != "auto":
+            raise ConfigError(
+                f"SESSION_RANGE={raw_range!r}: only 'auto' is supported "
+                "(use SESSION_RANGE_START/SESSION_RANGE_END for a fixed slice)"
+            )
+        raw_size, where_z = look("SESSION_SLICE_SIZE")
+        auto_slice = (
+            min(DEFAULT_SLICE_SIZE, pool)
+            if raw_size is None
+            else _int("SESSION_SLICE_SIZE", raw_size, where_z, minimum=1)
+        )
+        if auto_slice > pool:
+            raise ConfigError(
+                f"SESSION_SLICE_SIZE={auto_slice} is larger than the pool (SESSION_POOL_SIZE={pool})"
+            )
+        if not look("REDIS_URL")[0]:
+            raise ConfigError("SESSION_RANGE=auto needs REDIS_URL: slices are claimed in Redis")
+
     raw_start, where_s = look("SESSION_RANGE_START")
     raw_end, where_e = look("SESSION_RANGE_END")
     start = 0 if raw_start is None else _int("SESSION_RANGE_START", raw_start, where_s, minimum=0)
@@ -219,7 +261,10 @@ def load_config(
         if any(c in str(user) for c in ":\r\n"):
             raise ConfigError("HEX_USER must not contain ':' or line breaks")
 
+    if auto_slice is not None:
+        start, end = 0, auto_slice  # placeholder until the claim in Redis
     return HexConfig(
+        auto_slice=auto_slice,
         user=None if user is None else str(user),
         password=None if password is None else str(password),
         gateway=gateway,

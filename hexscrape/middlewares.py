@@ -20,7 +20,14 @@ from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.misc import load_object
 
-from hexscrape.config import ConfigError, HexConfig, float_option, load_config, setting_or_env
+from hexscrape.config import (
+    ConfigError,
+    HexConfig,
+    float_option,
+    load_config,
+    redact_url,
+    setting_or_env,
+)
 from hexscrape.health import (
     AUTH,
     BAN,
@@ -76,7 +83,48 @@ def crawler_config(crawler: Crawler) -> HexConfig:
     if cfg is None:
         cfg = load_config(crawler.settings.get)
         health_policy(crawler.settings.get)
+        cfg = claim_slice(crawler, cfg)
         crawler.hexscrape_config = cfg  # type: ignore[attr-defined]
+    return cfg
+
+
+class RedisUnavailable(RuntimeError):
+    """The configured Redis cannot be reached (one-line message)."""
+
+
+def redis_prefix(crawler: Crawler) -> str:
+    """Key prefix shared by every hexscrape structure in Redis."""
+    return str(setting_or_env(crawler.settings.get, "REDIS_KEY_PREFIX") or crawler.spidercls.name)
+
+
+def claim_slice(crawler: Crawler, cfg: HexConfig) -> HexConfig:
+    """Claim this worker's session slice in Redis when a frontier is configured.
+
+    ``SESSION_LEASE`` (default on with ``REDIS_URL``) and ``SESSION_LEASE_TTL``
+    (15 s) control it; see :mod:`hexscrape.slicelease` for the protocol.
+    """
+    get = crawler.settings.get
+    url = setting_or_env(get, "REDIS_URL")
+    enabled = str(setting_or_env(get, "SESSION_LEASE", "1")).lower() not in ("0", "false", "no", "off")
+    if not url or not cfg.gateway_enabled or not enabled:
+        return cfg
+    import redis
+
+    from hexscrape.slicelease import SliceConflict, SliceLease
+
+    ttl = float_option(get, "SESSION_LEASE_TTL", 15.0) or 15.0
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        lease = SliceLease(client, redis_prefix(crawler), cfg.pool_size, slot=cfg.worker_slot, ttl=ttl)
+        if cfg.auto_slice:
+            cfg = cfg.with_range(*lease.claim_auto(cfg.auto_slice))
+        else:
+            lease.claim(cfg.range_start, cfg.range_end)
+    except SliceConflict as exc:
+        raise ConfigError(str(exc)) from None
+    except (redis.RedisError, ValueError) as exc:
+        raise RedisUnavailable(f"cannot reach Redis at {redact_url(url)}: {exc}") from None
+    crawler.hexscrape_slice_lease = lease  # type: ignore[attr-defined]
     return cfg
 
 
@@ -142,8 +190,7 @@ class StickySessionMiddleware:
         store = None
         redis_url = setting_or_env(settings.get, "REDIS_URL")
         if redis_url:
-            prefix = setting_or_env(settings.get, "REDIS_KEY_PREFIX", "ip")
-            store = RedisHealthStore(redis_url, f"{prefix}:session_health")
+            store = RedisHealthStore(redis_url, f"{redis_prefix(crawler)}:session_health")
         self.health = SessionHealth(self.pool.sessions, health_policy(settings.get), store=store)
         crawler.hexscrape_health = self.health  # type: ignore[attr-defined]
         self.auth = AuthFailureTracker(self.pool.sessions)

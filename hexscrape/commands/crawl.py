@@ -14,9 +14,9 @@ from scrapy.commands.crawl import Command as ScrapyCrawlCommand
 
 
 from hexscrape.config import ConfigError
-from hexscrape.exitcodes import EXIT_CONFIG, exit_code_for
+from hexscrape.exitcodes import EXIT_CONFIG, EXIT_REDIS, exit_code_for
 from hexscrape.logredact import install_redaction
-from hexscrape.middlewares import crawler_config
+from hexscrape.middlewares import RedisUnavailable, crawler_config
 
 if TYPE_CHECKING:
     import argparse
@@ -29,13 +29,17 @@ class Command(ScrapyCrawlCommand):
         assert self.crawler_process
         crawler = self._create_crawler(args[0])
         try:
-            config = crawler_config(crawler)
             check = getattr(crawler.spidercls, "check_args", None)
             if check is not None:
                 check(opts.spargs)
+            config = crawler_config(crawler)  # may claim the session slice in Redis
         except ConfigError as exc:
             print(f"hexscrape: error: {exc}", file=sys.stderr)
             self.exitcode = EXIT_CONFIG
+            return None
+        except RedisUnavailable as exc:
+            print(f"hexscrape: error: {exc}", file=sys.stderr)
+            self.exitcode = EXIT_REDIS
             return None
         install_redaction(config.secrets())
 
