@@ -39,4 +39,27 @@ DOWNLOAD_HANDLERS = {
 
 EXTENSIONS = {
     "hexscrape.extensions.StatsDump": 900,
+    "hexscrape.extensions.StatsReporter": 910,
+    "hexscrape.extensions.SliceLeaseKeeper": 920,
 }
+
+# Shared frontier (hexscrape.frontier, hexscrape.scheduler). This scheduler is
+# Scrapy's own in-process one unless REDIS_URL is set; then all workers lease
+# from one Redis frontier. Read from the setting first, then the environment
+# (so they are deliberately not set here), defaults in brackets:
+#   REDIS_URL                    redis://host:port/db; enables the frontier
+#   REDIS_KEY_PREFIX             [spider name] prefix of every key (ip:requests...)
+#   IDLE_CLOSE_SECONDS           [5] close once the whole cluster's frontier has
+#                                been empty this long; negative: never close
+#   FRONTIER_HEARTBEAT_TTL       [10] s; a dead worker's leases return after this
+#                                plus FRONTIER_REAP_INTERVAL
+#   FRONTIER_HEARTBEAT_INTERVAL  [TTL/5] s
+#   FRONTIER_REAP_INTERVAL       [3] s between checks for dead workers
+#   FRONTIER_PREFETCH            [CONCURRENT_REQUESTS] leases held beyond those
+#                                in flight (unstarted ones are never crawled twice)
+#   FRONTIER_BATCH_SIZE          [100] max entries per lease call
+#   FRONTIER_POLL_MAX            [1] s between polls of an empty frontier
+#   FRONTIER_REDIS_TIMEOUT       [3] s socket connect/read timeout
+#   FRONTIER_CLOSE_TIMEOUT       [15] s to keep trying Redis while closing
+#   FRONTIER_MALFORMED_KEEP      [1000] malformed entries kept in <prefix>:malformed
+SCHEDULER = "hexscrape.scheduler.FrontierScheduler"

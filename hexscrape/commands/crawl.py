@@ -17,6 +17,7 @@ from hexscrape.config import ConfigError
 from hexscrape.exitcodes import EXIT_CONFIG, EXIT_REDIS, exit_code_for
 from hexscrape.logredact import install_redaction
 from hexscrape.middlewares import RedisUnavailable, crawler_config
+from hexscrape.scheduler import crawler_frontier_config, redis_problem
 
 if TYPE_CHECKING:
     import argparse
@@ -33,6 +34,9 @@ class Command(ScrapyCrawlCommand):
             if check is not None:
                 check(opts.spargs)
             config = crawler_config(crawler)  # may claim the session slice in Redis
+            frontier = crawler_frontier_config(crawler)
+            if frontier is not None and (problem := redis_problem(frontier)):
+                raise RedisUnavailable(problem)
         except ConfigError as exc:
             print(f"hexscrape: error: {exc}", file=sys.stderr)
             self.exitcode = EXIT_CONFIG

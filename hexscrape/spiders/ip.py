@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from hexscrape.config import ConfigError
 from hexscrape.middlewares import META_SESSION
+from hexscrape.scheduler import FrontierScheduler
 from hexscrape.urls import DEFAULT_URL_TEMPLATE, check_url_file, iter_lines, url_problem
 
 logger = logging.getLogger(__name__)
@@ -36,14 +37,20 @@ class IpSpider(scrapy.Spider):
     Arguments: ``-a urls=FILE`` (one URL per line, ``-`` for stdin; blank and
     ``#`` lines skipped; invalid URLs reported, skipped and counted), otherwise
     ``-a count=N`` (default 1000) URLs of ``https://httpbin.org/ip?n=<i>``.
+
+    With ``REDIS_URL`` set the spider crawls the shared frontier instead
+    (:mod:`hexscrape.scheduler`): ``-a urls``/``-a count`` given explicitly are
+    seeded into it first (duplicates are crawled once cluster-wide); without
+    them the worker only takes what others seeded.
     """
 
     name = "ip"
 
-    def __init__(self, urls: str | None = None, count: Any = 1000, **kwargs: Any):
+    def __init__(self, urls: str | None = None, count: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.urls_file = urls
-        self.count = _parse_count(count)
+        self.count_given = count is not None
+        self.count = 1000 if count is None else _parse_count(count)
         self._invalid = 0
 
     @classmethod
@@ -81,6 +88,13 @@ class IpSpider(scrapy.Spider):
         return Request(url, callback=self.parse, errback=self.failed, meta=meta, **kwargs)
 
     async def start(self) -> AsyncIterator[Any]:
+        engine = self.crawler.engine
+        scheduler = engine.scheduler if engine is not None else None
+        if isinstance(scheduler, FrontierScheduler):
+            # Requests come from Redis through the scheduler; only seed here.
+            if self.urls_file or self.count_given:
+                await scheduler.seed_urls(self.iter_start_urls())
+            return
         for url in self.iter_start_urls():
             yield self.make_request(url)
 
