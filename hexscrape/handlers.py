@@ -34,6 +34,7 @@ from scrapy.utils.url import add_http_if_no_scheme
 from hexscrape.middlewares import (
     META_ASSIGNED,
     META_SESSION,
+    META_VERDICT,
     SessionUnavailable,
     crawler_config,
 )
@@ -103,10 +104,19 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
             # banned while this request waited for it: the middleware re-routes it
             pool.release(sid)
             raise SessionUnavailable(sid)
+        judge = getattr(self._crawler, "hexscrape_judge", None)
         try:
-            return await self._download(request)
+            response = await self._download(request)
+        except Exception as exc:
+            if judge is not None:
+                request.meta[META_VERDICT] = judge.judge_exception(request, exc)
+            raise
+        else:
+            if judge is not None:
+                request.meta[META_VERDICT] = judge.judge_response(request, response)
+            return response
         finally:
-            pool.release(sid)
+            pool.release(sid)  # after the verdict: a waiter sees a fresh ban
 
     async def _download(self, request: Request) -> Response:
         agent = _SessionScrapyAgent(

@@ -56,6 +56,10 @@ META_ASSIGNED = "_hexscrape_assigned"
 """Request meta: True when META_SESSION was chosen by us, not pinned by the user
 (so a retry or redirect copy gets a fresh choice)."""
 
+META_VERDICT = "_hexscrape_verdict"
+"""Request meta: the health verdict the download handler reached (internal)."""
+_UNJUDGED = object()
+
 FINISH_REASON_AUTH = "proxy_auth_failed"
 
 
@@ -193,6 +197,7 @@ class StickySessionMiddleware:
             store = RedisHealthStore(redis_url, f"{redis_prefix(crawler)}:session_health")
         self.health = SessionHealth(self.pool.sessions, health_policy(settings.get), store=store)
         crawler.hexscrape_health = self.health  # type: ignore[attr-defined]
+        crawler.hexscrape_judge = self  # type: ignore[attr-defined]
         self.auth = AuthFailureTracker(self.pool.sessions)
         self._proxy_urls = {s: config.proxy_url(s) for s in self.pool.sessions}
         self._keys = {
@@ -284,21 +289,40 @@ class StickySessionMiddleware:
 
     # -- judging ---------------------------------------------------------------
 
-    def process_response(self, request: Request, response: Response) -> Request | Response:
-        sid = request.meta.get(META_SESSION)
-        if not (isinstance(sid, str) and sid in self.pool):
-            return response
+    # The verdict is reached by the download handler, right before it frees the
+    # session's slot (see judge_*): a request waiting for that slot must not
+    # go out on a session whose ban is still travelling up the middleware chain.
+
+    def judge_response(self, request: Request, response: Response) -> str:
+        sid = request.meta[META_SESSION]
         verdict = self.checker.check_response(request, response)
         if verdict == OK:
             self.auth.ok(sid)
             self.health.ok(sid)
-            return response
-        if verdict == AUTH:
+        elif verdict == AUTH:
             self._auth_rejected(sid)
-            return response
-        if verdict == BAN:
+        elif verdict == BAN:
             retry_after = retry_after_seconds(response.headers.get(b"Retry-After"))
             self._banned(sid, f"HTTP {response.status}", retry_after)
+        return verdict
+
+    def judge_exception(self, request: Request, exception: BaseException) -> str | None:
+        sid = request.meta[META_SESSION]
+        verdict = self.checker.check_exception(request, exception)
+        if verdict == AUTH:
+            self._auth_rejected(sid)
+        elif verdict == BAN:
+            self._banned(sid, type(exception).__name__, None)
+        return verdict
+
+    def process_response(self, request: Request, response: Response) -> Request | Response:
+        sid = request.meta.get(META_SESSION)
+        if not (isinstance(sid, str) and sid in self.pool):
+            return response
+        verdict = request.meta.pop(META_VERDICT, _UNJUDGED)
+        if verdict is _UNJUDGED:  # not downloaded by our handler
+            verdict = self.judge_response(request, response)
+        if verdict == BAN:
             return self._retry_elsewhere(request, f"session ban (HTTP {response.status})") or response
         return response
 
@@ -313,11 +337,10 @@ class StickySessionMiddleware:
             new.meta.pop("cookiejar", None)
             self.stats.inc_value("hexscrape/session/rerouted")
             return new
-        verdict = self.checker.check_exception(request, exception)
-        if verdict == AUTH:
-            self._auth_rejected(sid)
-        elif verdict == BAN:
-            self._banned(sid, type(exception).__name__, None)
+        verdict = request.meta.pop(META_VERDICT, _UNJUDGED)
+        if verdict is _UNJUDGED:
+            verdict = self.judge_exception(request, exception)
+        if verdict == BAN:
             return self._retry_elsewhere(request, exception)
         return None
 
