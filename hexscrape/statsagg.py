@@ -50,7 +50,10 @@ _STAT_KEYS = {
     "items": "item_scraped_count",
     "retries": "retry/count",
 }
-_SESSION_KEY = re.compile(r"^hexscrape/session/([A-Za-z0-9_.-]+)/(requests|ok|failed)$")
+SESSION_COUNTS = ("requests", "ok", "failed", "bans", "cooldowns")
+_SESSION_KEY = re.compile(
+    r"^hexscrape/session/([A-Za-z0-9_.-]+)/(" + "|".join(SESSION_COUNTS) + r")$"
+)
 _FRONTIER_PREFIX = "hexscrape/frontier/"
 
 
@@ -101,7 +104,7 @@ def build_record(
     for key, value in stats.items():
         m = _SESSION_KEY.match(key)
         if m:
-            sessions.setdefault(m.group(1), {"requests": 0, "ok": 0, "failed": 0})[
+            sessions.setdefault(m.group(1), dict.fromkeys(SESSION_COUNTS, 0))[
                 m.group(2)
             ] = _int(value)
         elif key.startswith(_FRONTIER_PREFIX) and isinstance(value, (int, float)):
@@ -130,6 +133,25 @@ def build_record(
         finish_reason=finish_reason,
     )
     return record
+
+
+def worst_sessions(
+    sessions: Mapping[str, Mapping[str, int]], limit: int = 5
+) -> list[dict[str, Any]]:
+    """The sessions that cost the most: most bans, then highest failure share.
+
+    Sessions with neither bans nor failures are left out: nothing to report.
+    """
+    rows = []
+    for sid, c in sessions.items():
+        bans, failed, requests = c.get("bans", 0), c.get("failed", 0), c.get("requests", 0)
+        if not bans and not failed:
+            continue
+        share = failed / requests if requests else 1.0
+        rows.append({"session": sid, "bans": bans, "failed": failed, "requests": requests,
+                     "failure_rate": round(share, 3)})
+    rows.sort(key=lambda r: (-r["bans"], -r["failure_rate"], r["session"]))
+    return rows[:limit]
 
 
 def valid_record(record: Any) -> bool:
@@ -165,15 +187,15 @@ class Figures:
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + _int(record.get(name)))
         for sid, counts in (record.get("sessions") or {}).items():
-            mine = self.sessions.setdefault(sid, {"requests": 0, "ok": 0, "failed": 0})
-            for k in ("requests", "ok", "failed"):
+            mine = self.sessions.setdefault(sid, dict.fromkeys(SESSION_COUNTS, 0))
+            for k in SESSION_COUNTS:
                 mine[k] += _int(counts.get(k))
 
     def add(self, other: Figures) -> None:
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for sid, counts in other.sessions.items():
-            mine = self.sessions.setdefault(sid, {"requests": 0, "ok": 0, "failed": 0})
+            mine = self.sessions.setdefault(sid, dict.fromkeys(SESSION_COUNTS, 0))
             for k, v in counts.items():
                 mine[k] = mine.get(k, 0) + v
 

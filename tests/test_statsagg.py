@@ -85,8 +85,8 @@ def test_build_record_copies_whitelisted_figures_only():
     assert rec["queued"] is None and rec["leased"] is None  # only when asked
     assert rec["frontier"] == {"queued": 90, "leased": 4}
     assert rec["sessions"] == {
-        "s000": {"requests": 5, "ok": 4, "failed": 1},
-        "s001": {"requests": 4, "ok": 3, "failed": 0},
+        "s000": {"requests": 5, "ok": 4, "failed": 1, "bans": 0, "cooldowns": 0},
+        "s001": {"requests": 4, "ok": 3, "failed": 0, "bans": 0, "cooldowns": 0},
     }
     assert rec["rss_bytes"] == 50 << 20 and rec["slot"] == "0" and rec["pid"] == 123
     text = json.dumps(rec)
@@ -130,7 +130,7 @@ def test_respawned_instances_of_a_slot_add_up_and_slots_sum_to_totals():
     agg.add(record("r1-1-1", 5, slot="1", **{"hexscrape/requests/ok": 1}))
     s0, s1, total = agg.slot_figures("0"), agg.slot_figures("1"), agg.totals()
     assert s0.requests_ok == 14 and s0.items == 14 and s0.retries == 6
-    assert s0.sessions["s000"] == {"requests": 10, "ok": 8, "failed": 2}
+    assert s0.sessions["s000"] == {"requests": 10, "ok": 8, "failed": 2, "bans": 0, "cooldowns": 0}
     assert s1.requests_ok == 1
     assert total.requests_ok == 15 and total.done == 15 + 6
     assert agg.slots() == ["0", "1"]
@@ -260,3 +260,18 @@ def test_summary_rows():
     assert rows[0] == ["0", "s000..s019", "finished", "1", "5", "1", "5", "0", "80",
                        "code 0 (finished)"]
     assert rows[-1][:3] == ["total", "", "finished"]
+
+
+def test_worst_sessions_rank_bans_then_failure_share():
+    from hexscrape.statsagg import worst_sessions
+
+    sessions = {
+        "s000": {"requests": 100, "ok": 100, "failed": 0, "bans": 0},
+        "s001": {"requests": 10, "ok": 5, "failed": 5, "bans": 0},
+        "s002": {"requests": 50, "ok": 40, "failed": 10, "bans": 2},
+        "s003": {"requests": 20, "ok": 19, "failed": 1, "bans": 0},
+    }
+    worst = worst_sessions(sessions, limit=2)
+    assert [w["session"] for w in worst] == ["s002", "s001"]
+    assert worst[0] == {"session": "s002", "bans": 2, "failed": 10, "requests": 50, "failure_rate": 0.2}
+    assert [w["session"] for w in worst_sessions(sessions)] == ["s002", "s001", "s003"]
