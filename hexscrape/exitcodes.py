@@ -12,6 +12,7 @@ EXIT_PROXY_AUTH = 3  # the gateway rejected the credentials for every session
 EXIT_REDIS = 4  # the frontier Redis was unreachable
 EXIT_MEMORY = 5  # stopped by MEMUSAGE_LIMIT_MB
 EXIT_ABNORMAL = 6  # any other finish reason (e.g. closespider_*)
+EXIT_GATEWAY = 7  # the proxy gateway could not be reached for GATEWAY_DOWN_SECONDS
 
 _BY_REASON = {
     "finished": EXIT_OK,
@@ -19,6 +20,7 @@ _BY_REASON = {
     "proxy_auth_failed": EXIT_PROXY_AUTH,
     "redis_unavailable": EXIT_REDIS,
     "memusage_exceeded": EXIT_MEMORY,
+    "gateway_unavailable": EXIT_GATEWAY,
 }
 
 

@@ -21,9 +21,11 @@ from typing import Any, Protocol
 OK = "ok"
 BAN = "ban"
 AUTH = "auth"
+GATEWAY = "gateway"
 
 Verdict = str
-"""One of OK, BAN, AUTH (407: credentials rejected), or None for "no opinion"."""
+"""One of OK, BAN, AUTH (407: credentials rejected), GATEWAY (the gateway
+itself cannot be reached: no session's fault), or None for "no opinion"."""
 
 
 @dataclass
@@ -174,9 +176,15 @@ class SessionChecker:
 
     ban_statuses = frozenset({403, 429, 502, 503, 504})
     ban_exceptions = frozenset({
-        "TunnelError", "ConnectionRefusedError", "TimeoutError", "TCPTimedOutError",
-        "ConnectError", "ConnectionLost", "ConnectionDone", "ResponseNeverReceived",
-        "DownloadTimeoutError", "DownloadConnectionRefusedError", "DownloadFailedError",
+        "TunnelError", "TimeoutError", "TCPTimedOutError", "ConnectionLost",
+        "ConnectionDone", "ResponseNeverReceived", "DownloadTimeoutError",
+        "DownloadFailedError",
+    })
+    # Every proxied connection goes to the gateway: failing to open one says
+    # the gateway is down (or misnamed), not that a session is banned.
+    gateway_exceptions = frozenset({
+        "ConnectionRefusedError", "DownloadConnectionRefusedError", "ConnectError",
+        "CannotResolveHostError", "DNSLookupError", "NoRouteError",
     })
 
     def __init__(self, crawler: Any = None) -> None:
@@ -196,7 +204,42 @@ class SessionChecker:
             return AUTH if "'status': 407" in str(exception) else BAN
         if name in self.ban_exceptions:
             return BAN
+        if name in self.gateway_exceptions:
+            return GATEWAY
         return None
+
+
+class GatewayMonitor:
+    """Tells a gateway outage from session trouble, and how long to back off.
+
+    While the gateway refuses connections requests are put back (not failed)
+    after a growing pause; once it has failed for ``down_after`` seconds with
+    no success in between, the crawl gives up with one clear error.
+    """
+
+    def __init__(self, down_after: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.down_after = down_after
+        self.clock = clock
+        self.failing_since: float | None = None
+        self.failures = 0
+
+    def ok(self) -> None:
+        self.failing_since = None
+        self.failures = 0
+
+    def failed(self) -> bool:
+        """Record a failure; True once the outage has lasted ``down_after``."""
+        now = self.clock()
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failures += 1
+        return now - self.failing_since >= self.down_after
+
+    def backoff(self) -> float:
+        """Pause before the next attempt while failing (0 when healthy)."""
+        if not self.failures:
+            return 0.0
+        return min(5.0, 0.1 * 2 ** min(self.failures - 1, 6))
 
 
 def retry_after_seconds(value: bytes | str | None) -> float | None:

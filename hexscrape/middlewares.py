@@ -31,7 +31,9 @@ from hexscrape.config import (
 from hexscrape.health import (
     AUTH,
     BAN,
+    GATEWAY,
     OK,
+    GatewayMonitor,
     HealthPolicy,
     SessionChecker,
     SessionHealth,
@@ -61,6 +63,7 @@ META_VERDICT = "_hexscrape_verdict"
 _UNJUDGED = object()
 
 FINISH_REASON_AUTH = "proxy_auth_failed"
+FINISH_REASON_GATEWAY = "gateway_unavailable"
 
 
 class SessionUnavailable(Exception):
@@ -199,6 +202,7 @@ class StickySessionMiddleware:
         crawler.hexscrape_health = self.health  # type: ignore[attr-defined]
         crawler.hexscrape_judge = self  # type: ignore[attr-defined]
         self.auth = AuthFailureTracker(self.pool.sessions)
+        self.gateway = GatewayMonitor(float_option(settings.get, "GATEWAY_DOWN_SECONDS", 30.0))
         self._proxy_urls = {s: config.proxy_url(s) for s in self.pool.sessions}
         self._keys = {
             s: {k: f"hexscrape/session/{s}/{k}" for k in ("requests", "bans", "cooldowns", "retired")}
@@ -244,6 +248,19 @@ class StickySessionMiddleware:
             meta.pop(META_ASSIGNED, None)
             meta[META_SESSION] = False
             return None
+        if self.gateway.failures:
+            return self._after_gateway_pause(request)
+        return self._route(request)
+
+    async def _after_gateway_pause(self, request: Request) -> None:
+        """While the gateway refuses connections, pause instead of spinning."""
+        await asyncio.sleep(self.gateway.backoff())
+        routed = self._route(request)
+        if routed is not None:
+            await routed
+
+    def _route(self, request: Request) -> Any:
+        meta = request.meta
         current = meta.get(META_SESSION)
         if isinstance(current, str) and not meta.get(META_ASSIGNED):
             if current not in self.pool:
@@ -295,6 +312,7 @@ class StickySessionMiddleware:
 
     def judge_response(self, request: Request, response: Response) -> str:
         sid = request.meta[META_SESSION]
+        self.gateway.ok()
         verdict = self.checker.check_response(request, response)
         if verdict == OK:
             self.auth.ok(sid)
@@ -313,7 +331,26 @@ class StickySessionMiddleware:
             self._auth_rejected(sid)
         elif verdict == BAN:
             self._banned(sid, type(exception).__name__, None)
+        elif verdict == GATEWAY:
+            self._gateway_failed(exception)
         return verdict
+
+    def _gateway_failed(self, exception: BaseException) -> None:
+        self.stats.inc_value("hexscrape/proxy/gateway_errors")
+        if self.gateway.failures == 0:
+            logger.warning(
+                "proxy gateway %s unreachable (%s: %s): requests wait and retry; "
+                "giving up after %.0f s without success (GATEWAY_DOWN_SECONDS)",
+                self.config.gateway, type(exception).__name__, exception,
+                self.gateway.down_after,
+            )
+        if self.gateway.failed() and not self._closing:
+            self._closing = True
+            logger.error(
+                "proxy gateway %s unreachable for %.0f s: stopping the crawl",
+                self.config.gateway, self.gateway.down_after,
+            )
+            self._close(FINISH_REASON_GATEWAY)
 
     def process_response(self, request: Request, response: Response) -> Request | Response:
         sid = request.meta.get(META_SESSION)
@@ -331,18 +368,24 @@ class StickySessionMiddleware:
         if not (isinstance(sid, str) and sid in self.pool):
             return None
         if isinstance(exception, SessionUnavailable):
-            new = request.copy()
-            new.dont_filter = True
-            new.meta.pop(META_SESSION, None)
-            new.meta.pop("cookiejar", None)
-            self.stats.inc_value("hexscrape/session/rerouted")
-            return new
+            return self._requeue(request, "hexscrape/session/rerouted")
         verdict = request.meta.pop(META_VERDICT, _UNJUDGED)
         if verdict is _UNJUDGED:
             verdict = self.judge_exception(request, exception)
         if verdict == BAN:
             return self._retry_elsewhere(request, exception)
+        if verdict == GATEWAY:
+            return self._requeue(request, "hexscrape/proxy/requeued")
         return None
+
+    def _requeue(self, request: Request, stat: str) -> Request:
+        """The same request again, on a fresh session, not counted as a retry."""
+        new = request.copy()
+        new.dont_filter = True
+        new.meta.pop(META_SESSION, None)
+        new.meta.pop("cookiejar", None)
+        self.stats.inc_value(stat)
+        return new
 
     def _banned(self, sid: str, why: str, retry_after: float | None) -> None:
         keys = self._keys[sid]
@@ -383,9 +426,12 @@ class StickySessionMiddleware:
                 "proxy credentials rejected (407) for every session of this "
                 "slice: stopping the crawl"
             )
-            engine: Any = self.crawler.engine
-            if engine is not None and engine.spider is not None:
-                deferred_from_coro(engine.close_spider_async(reason=FINISH_REASON_AUTH))
+            self._close(FINISH_REASON_AUTH)
+
+    def _close(self, reason: str) -> None:
+        engine: Any = self.crawler.engine
+        if engine is not None and engine.spider is not None:
+            deferred_from_coro(engine.close_spider_async(reason=reason))
 
 
 __all__ = ["ConfigError", "StickySessionMiddleware"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 from urllib.parse import quote
 
-from conftest import PASSWORD, REPO, crawler_env, read_jsonl
+from conftest import PASSWORD, REPO, crawl_cmd, crawler_env, read_jsonl, run_crawl
 
 
 def url_file(tmp_path, urls, name="urls.txt"):
@@ -170,3 +171,32 @@ def test_pinned_and_opted_out_requests(sandbox, tmp_path):
     targets = [r["target"] for r in sandbox.gateway.records()]
     assert not any("direct" in t for t in targets)
     assert not any("outside" in t for t in targets)
+
+
+def test_gateway_down_gives_one_clear_error_and_loses_nothing(sandbox, redis_url, tmp_path):
+    import redis as redis_lib
+
+    from hexscrape.redisserver import free_port
+
+    urls = ip_urls(sandbox.http_origin, 20)
+    r = redis_lib.Redis.from_url(redis_url)
+    r.rpush("ip:start_urls", *urls)
+    fast = {"IDLE_CLOSE_SECONDS": 0.5, "FRONTIER_POLL_MAX": 0.2, "SESSION_LEASE_TTL": 1}
+    dead = crawler_env(sandbox, HEX_GATEWAY=f"http://127.0.0.1:{free_port()}", REDIS_URL=redis_url,
+                       GATEWAY_DOWN_SECONDS=2, SESSION_RANGE_START=0, SESSION_RANGE_END=4, **fast)
+    t0 = time.monotonic()
+    proc = subprocess.run(crawl_cmd("-O", str(tmp_path / "dead.jsonl")), cwd=REPO, env=dead,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 30
+    errors = [l for l in proc.stderr.splitlines() if "] ERROR:" in l]
+    assert len(errors) == 1 and "unreachable for 2 s: stopping the crawl" in errors[0], errors
+    assert proc.stderr.count("WARNING: proxy gateway") == 1  # logged once, not per request
+    # nothing was consumed: every URL is still queued in the frontier
+    queued = r.zcard("ip:requests") + r.llen("ip:start_urls")
+    leased = sum(r.hlen(k) for k in r.keys("ip:leases:*"))
+    assert queued == 20 and leased == 0
+
+    res = run_crawl(tmp_path, env=crawler_env(sandbox, REDIS_URL=redis_url, **fast), output="live.jsonl")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(i["url"] for i in res.items) == sorted(urls)
