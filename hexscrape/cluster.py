@@ -30,7 +30,18 @@ Exit codes of the primary (``run_cluster.py``):
 * 5 -- the shutdown deadline passed (or a second signal came) and at least one
   worker had to be SIGKILLed. Nothing queued in Redis is lost: the requests it
   had leased go back to the queue when its slot starts again (next run) or
-  when a live worker reclaims them (heartbeat TTL + reap interval, ~13 s).
+  when a live worker reclaims them (heartbeat TTL + reap interval, ~13 s);
+* 6 -- ``--scrapyd``: a node is unreachable, or the project is missing there
+  and could not be deployed (nothing was seeded nor scheduled).
+
+Scrapyd mode (``--scrapyd URL[,URL...] --workers-per-node M``): the same loop,
+stats, summary and exit codes, but each slot is a scrapyd job
+(:class:`ScrapydCluster`, :mod:`hexscrape.scrapyd`): scheduled with its slice
+as job settings, watched through ``listjobs.json``, rescheduled (lease
+released first) when it ends without a clean final stats record, cancelled
+(SIGINT: a drain) on SIGTERM. Proxy credentials come from the nodes' own
+environment unless ``--scrapyd-pass-credentials``. If the primary itself dies,
+the jobs go on until the frontier is done (scrapyd is their supervisor).
 
 Embedded Redis: without ``--redis-url``/``REDIS_URL`` the primary runs a
 private ``redis-server`` whose append-only data lives in ``<output>/redis``.
@@ -60,13 +71,27 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from hexscrape.config import DEFAULT_POOL_SIZE, ConfigError, load_config
-from hexscrape.exitcodes import EXIT_CONFIG
+from hexscrape.exitcodes import EXIT_CONFIG, EXIT_PROXY_AUTH, exit_code_for
 from hexscrape.exitcodes import EXIT_REDIS as EXIT_REDIS_WORKER
 from hexscrape.logredact import RedactSecrets
+from hexscrape.scrapyd import (
+    CREDENTIAL_NAMES,
+    DEFAULT_PROJECT,
+    JobLauncher,
+    ScrapydError,
+    ScrapydJob,
+    build_egg,
+    display_url,
+    is_loopback_host,
+    is_loopback_url,
+    parse_node_urls,
+    project_from_cfg,
+    url_password,
+)
 from hexscrape.sessions import slice_bounds
 from hexscrape.statsagg import (
     RECORD_FIELD,
@@ -94,6 +119,7 @@ EXIT_USAGE = 2
 EXIT_GAVE_UP = 3
 EXIT_REDIS = 4
 EXIT_KILLED = 5
+EXIT_NODE = 6
 
 DEFAULT_MAX_WORKERS = 16
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -101,6 +127,8 @@ DEFAULT_STATS_INTERVAL = 5.0
 DEFAULT_MEMUSAGE_LIMIT_MB = 1024
 DEFAULT_MEMUSAGE_CHECK_INTERVAL = 5.0
 DEFAULT_SANDBOX_COUNT = 1000
+DEFAULT_WORKERS_PER_NODE = 1
+DEFAULT_NODE_TIMEOUT = 30.0
 SANDBOX_HOST = "sandbox.hexscrape.test"
 """Host of the sandbox demo URLs: non-loopback, so the sandbox gateway routes it
 to its origin whatever ports a later sandbox gets (a resumed run still works);
@@ -269,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit codes: 0 frontier done, or drained in time after a signal; 1 internal "
             "error or a worker failed while draining; 2 bad arguments or configuration; "
             "3 a slot was given up; 4 Redis "
-            "unavailable; 5 a worker had to be SIGKILLed at shutdown. "
+            "unavailable; 5 a worker had to be SIGKILLed at shutdown; 6 a scrapyd node "
+            "is unreachable or the project could not be deployed to it. "
             "Without --redis-url an embedded redis-server keeps the frontier in "
             "OUTPUT/redis: an interrupted run resumes when started again with the same "
             "--output, and the directory is deleted once a run completes the frontier."
@@ -311,6 +340,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slot-set", dest="slot_settings", metavar="SLOT:NAME=VALUE",
                    type=_slot_setting, action="append", default=[],
                    help="Scrapy setting for one slot only; repeatable (for experiments)")
+
+    g = p.add_argument_group(
+        "scrapyd",
+        "Run the workers as scrapyd jobs instead of local processes: one `ip` job per slot, "
+        "slot k on node k // M, slices disjoint across all nodes. Proxy credentials "
+        "(HEX_USER, HEX_PASS, HEX_GATEWAY) should be in each scrapyd service's environment: "
+        "scrapyd records job settings in its job list and log, so by default none are sent. "
+        "Items go where each node's scrapyd items_dir says (or -s FEEDS=...).",
+    )
+    g.add_argument("--scrapyd", metavar="URL[,URL...]", action="append", default=None,
+                   help="scrapyd nodes, e.g. http://10.0.0.5:6800 (comma-separated or "
+                        "repeated; user:password@ for scrapyd's basic auth)")
+    g.add_argument("--workers-per-node", metavar="M", type=_positive_int, default=None,
+                   help=f"jobs per scrapyd node (default {DEFAULT_WORKERS_PER_NODE}); "
+                        "--workers is then nodes * M")
+    g.add_argument("--deploy", action="store_true", default=None,
+                   help="build this checkout's egg (scrapyd-deploy --build-egg) and upload it "
+                        "to every node; by default only nodes without the project get it")
+    g.add_argument("--scrapyd-project", metavar="NAME", default=None,
+                   help="scrapyd project name (default: [deploy] project in scrapy.cfg, "
+                        f"here {project_from_cfg(PROJECT_ROOT)!r})")
+    g.add_argument("--scrapyd-pass-credentials", action="store_true", default=None,
+                   help="send this environment's HEX_USER, HEX_PASS, HEX_GATEWAY (and a Redis "
+                        "URL's password) to the jobs as settings; scrapyd then keeps them in "
+                        "its log. Default: the nodes' own environment provides them")
+    g.add_argument("--node-timeout", metavar="SECONDS", type=_positive_seconds, default=None,
+                   help="a node that does not answer this long has its jobs rescheduled on "
+                        f"the other nodes (default {DEFAULT_NODE_TIMEOUT:g})")
 
     g = p.add_argument_group("frontier")
     g.add_argument("--urls", metavar="FILE",
@@ -381,21 +438,78 @@ class Options:
     progress: bool | None
     metrics_port: int | None
     metrics_host: str
+    scrapyd: list[str] = field(default_factory=list)
+    workers_per_node: int = DEFAULT_WORKERS_PER_NODE
+    deploy: bool = False
+    scrapyd_project: str = DEFAULT_PROJECT
+    pass_credentials: bool = False
+    node_timeout: float = DEFAULT_NODE_TIMEOUT
+
+
+def _scrapyd_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """Validate the scrapyd group; {} without --scrapyd."""
+    given = [opt for opt, value in (
+        ("--workers-per-node", ns.workers_per_node), ("--deploy", ns.deploy),
+        ("--scrapyd-project", ns.scrapyd_project),
+        ("--scrapyd-pass-credentials", ns.scrapyd_pass_credentials),
+        ("--node-timeout", ns.node_timeout)) if value is not None]
+    if ns.scrapyd is None:
+        if given:
+            raise UsageError(f"{given[0]} only applies with --scrapyd")
+        return {}
+    try:
+        urls = parse_node_urls(ns.scrapyd)
+    except ValueError as exc:
+        raise UsageError(f"--scrapyd: {exc}") from None
+    if ns.workers is not None:
+        raise UsageError("--workers does not apply with --scrapyd: use --workers-per-node")
+    remote = [u for u in urls if not is_loopback_url(u)]
+    if remote and ns.sandbox:
+        raise UsageError(f"--sandbox runs on this machine: scrapyd node "
+                         f"{display_url(remote[0])} could not reach it")
+    if remote and not ns.redis_url:
+        raise UsageError(f"scrapyd node {display_url(remote[0])} is not on this machine: pass "
+                         "--redis-url (or REDIS_URL) with an address the nodes can reach")
+    redis_parts = urlsplit(ns.redis_url or "")
+    if remote and (redis_parts.scheme == "unix" or is_loopback_host(redis_parts.hostname or "")):
+        raise UsageError(f"--redis-url {redact_url(ns.redis_url)!r} is a loopback address: "
+                         f"scrapyd node {display_url(remote[0])} could not reach it")
+    project = ns.scrapyd_project or project_from_cfg(PROJECT_ROOT)
+    if not project or any(c.isspace() or c in "/\\" for c in project):
+        raise UsageError(f"--scrapyd-project {project!r} is not a project name")
+    per_node = ns.workers_per_node or DEFAULT_WORKERS_PER_NODE
+    return {
+        "scrapyd": urls,
+        "workers_per_node": per_node,
+        "workers": per_node * len(urls),
+        "deploy": bool(ns.deploy),
+        "scrapyd_project": project,
+        "pass_credentials": bool(ns.scrapyd_pass_credentials),
+        "node_timeout": ns.node_timeout or DEFAULT_NODE_TIMEOUT,
+    }
 
 
 def parse_args(argv: Sequence[str]) -> Options:
     """Parse and validate; raise UsageError with a one-line message."""
     parser = build_parser()
     ns = parser.parse_args(list(argv))
-    workers = _from_env(ns.workers, "WORKERS", _positive_int, default_workers())
+    if ns.redis_url:  # checked first: the scrapyd checks look at its host
+        parts = urlsplit(ns.redis_url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise UsageError(f"--redis-url {redact_url(ns.redis_url)!r} is not a redis:// URL")
+    scrapyd = _scrapyd_options(ns)
+    workers = scrapyd.pop("workers", None) or _from_env(
+        ns.workers, "WORKERS", _positive_int, default_workers())
     pool = _from_env(ns.pool_size, "SESSION_POOL_SIZE", _positive_int, DEFAULT_POOL_SIZE)
     idle = _from_env(ns.idle_close, "IDLE_CLOSE_SECONDS", _seconds, None)
     memlimit = _from_env(
         ns.memusage_limit_mb, "MEMUSAGE_LIMIT_MB", _non_negative_int, DEFAULT_MEMUSAGE_LIMIT_MB
     )
     if workers > pool:
+        what = (f"--scrapyd nodes x --workers-per-node = {workers}" if scrapyd
+                else f"--workers {workers}")
         raise UsageError(
-            f"--workers {workers} is larger than the session pool "
+            f"{what} is larger than the session pool "
             f"(SESSION_POOL_SIZE={pool}): each worker needs at least one session"
         )
     for slot, name, _ in ns.slot_settings:
@@ -405,12 +519,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         problem = check_url_file(ns.urls)
         if problem:
             raise UsageError(f"--urls: {problem}")
-    if ns.redis_url:
-        parts = urlsplit(ns.redis_url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise UsageError(f"--redis-url {redact_url(ns.redis_url)!r} is not a redis:// URL")
-        if ns.fresh:
-            raise UsageError("--fresh only applies to the embedded Redis (no --redis-url)")
+    if ns.redis_url and ns.fresh:
+        raise UsageError("--fresh only applies to the embedded Redis (no --redis-url)")
     if not ns.key_prefix or any(c.isspace() for c in ns.key_prefix):
         raise UsageError(f"--key-prefix {ns.key_prefix!r} must be a non-empty word")
     if ns.max_respawn_delay < ns.respawn_delay:
@@ -444,6 +554,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         progress=ns.progress,
         metrics_port=ns.metrics_port,
         metrics_host=ns.metrics_host,
+        **scrapyd,
     )
 
 
@@ -476,34 +587,6 @@ EXITED = "exited"  # ended abnormally while the cluster shut down
 ALL_STATES = (STARTING, RUNNING, BACKOFF, FINISHED, STOPPED, GAVE_UP, KILLED, EXITED)
 
 
-@dataclass
-class Slot:
-    """One worker slot: its slice, its current process and its history."""
-
-    index: int
-    start: int
-    end: int
-    crashes: CrashTracker
-    state: str = STARTING
-    proc: subprocess.Popen[bytes] | None = None
-    instance: str | None = None
-    spawned_at: float = 0.0
-    log_offset: int = 0
-    respawn_at: float | None = None
-    spawns: int = 0
-    sigterm_sent: bool = False
-    error: str | None = None
-    exits: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None
-
-    @property
-    def respawns(self) -> int:
-        return max(0, self.spawns - 1)
-
-
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -511,17 +594,142 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended.
+
+    A local worker has an exit code or a signal. A scrapyd job has neither
+    (``known`` False: scrapyd does not report them), so the finish reason of its
+    final stats record tells a clean end from a crash. ``dead`` is False when we
+    only lost sight of the worker (its scrapyd node stopped answering): its
+    session lease must then expire by itself rather than be released.
+    """
+
+    code: int | None = None
+    signal: int | None = None
+    known: bool = True
+    dead: bool = True
+    removed: bool = False  # a queued scrapyd job cancelled before it ran
+    note: str | None = None
+
+    def text(self) -> str:
+        if self.signal is not None:
+            return _signal_name(self.signal)
+        if self.code is not None:
+            return f"code {self.code}"
+        return self.note or "ended"
+
+
+class Worker:
+    """A slot's current worker as the loop sees it: a local process
+    (:class:`LocalWorker`) or a scrapyd job (:class:`ScrapydWorker`)."""
+
+    signal_safe = False  # may kill() run inside a signal handler?
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def label(self) -> str:
+        """``worker pid 123`` / ``job ... on http://node``: for log lines."""
+        raise NotImplementedError
+
+    def poll(self) -> WorkerExit | None:
+        """None while it runs (as far as we know)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask it to drain (SIGTERM, or scrapyd's cancel: SIGINT)."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def details(self) -> dict[str, Any]:
+        """Extra fields for the summary (node, job id...)."""
+        return {}
+
+    def error(self, secrets: Sequence[str]) -> str | None:
+        """The most telling line of its log, if we can read it."""
+        return None
+
+
+class LocalWorker(Worker):
+    """A ``scrapy crawl`` child process of the primary."""
+
+    signal_safe = True
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, log_offset: int) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.log_offset = log_offset
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def label(self) -> str:
+        return f"worker pid {self.proc.pid}"
+
+    def poll(self) -> WorkerExit | None:
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        return WorkerExit(code=rc) if rc >= 0 else WorkerExit(signal=-rc)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        # os.kill, not Popen.kill: this also runs inside signal handlers.
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+
+    def error(self, secrets: Sequence[str]) -> str | None:
+        return log_tail_error(self.log_path, self.log_offset, secrets)
+
+
+class WorkerStartError(Exception):
+    """A worker could not be started (e.g. no scrapyd node took the job)."""
+
+
+@dataclass
+class Slot:
+    """One worker slot: its slice, its current worker and its history."""
+
+    index: int
+    start: int
+    end: int
+    crashes: CrashTracker
+    state: str = STARTING
+    worker: Worker | None = None
+    instance: str | None = None
+    spawned_at: float = 0.0
+    respawn_at: float | None = None
+    spawns: int = 0
+    stop_sent: bool = False
+    last_dead: bool = True  # was the previous worker known dead?
+    error: str | None = None
+    exits: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker is not None
+
+    @property
+    def respawns(self) -> int:
+        return max(0, self.spawns - 1)
+
+
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): ")
 _LOG_ERROR = re.compile(r"\] (ERROR|CRITICAL): ")
 
 
 def log_tail_error(path: Path, offset: int, secrets: Sequence[str] = ()) -> str | None:
-    """The most telling line a worker wrote to its log since *offset*.
-
-    In order: the crawl command's ``hexscrape: error: ...`` (config errors),
-    the last line of a traceback, the last ERROR/CRITICAL log message, the
-    last line. Secrets are masked even so.
-    """
+    """The most telling line a worker wrote to its log since *offset*
+    (see :func:`telling_line`)."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -529,6 +737,17 @@ def log_tail_error(path: Path, offset: int, secrets: Sequence[str] = ()) -> str 
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return None
+    return telling_line(lines, secrets)
+
+
+def telling_line(lines: Sequence[str], secrets: Sequence[str] = (),
+                 fallback: bool = True) -> str | None:
+    """The most telling line of a worker's log tail.
+
+    In order: the crawl command's ``hexscrape: error: ...`` (config errors),
+    the last line of a traceback, the last ERROR/CRITICAL log message, the
+    last line (unless not *fallback*). Secrets are masked even so.
+    """
     lines = [ln.strip() for ln in lines if ln.strip()]
     if not lines:
         return None
@@ -541,6 +760,8 @@ def log_tail_error(path: Path, offset: int, secrets: Sequence[str] = ()) -> str 
             if m:
                 pick = ln[m.end():]
                 break
+    if pick is None and not fallback:
+        return None
     pick = (pick or lines[-1])[:500]
     for secret in sorted(secrets, key=len, reverse=True):
         if secret:
@@ -552,7 +773,14 @@ def log_tail_error(path: Path, offset: int, secrets: Sequence[str] = ()) -> str 
 
 
 class Cluster:
-    """Supervise the worker slots until they are all done or the run is stopped."""
+    """Supervise the worker slots until they are all done or the run is stopped.
+
+    Workers are local ``scrapy crawl`` processes; :class:`ScrapydCluster`
+    overrides :meth:`start_worker` (and a few hooks) to run them as scrapyd
+    jobs under the same loop, stats, summary and exit codes.
+    """
+
+    RESPAWNING, RESPAWNED = "respawning", "respawned"  # (scrapyd: rescheduling)
 
     def __init__(
         self,
@@ -602,14 +830,13 @@ class Cluster:
         self.pending_signals.append(signum)
         if len(self.pending_signals) >= 2 or self.draining:
             # Second signal: SIGKILL at once, even if the loop is busy.
-            self._kill_all_now()
+            self._kill_all_now(in_handler=True)
 
-    def _kill_all_now(self) -> None:
+    def _kill_all_now(self, in_handler: bool = False) -> None:
         for slot in self.slots:
-            proc = slot.proc
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+            worker = slot.worker
+            if worker is not None and (worker.signal_safe or not in_handler):
+                worker.kill()
 
     def handle_signals(self) -> None:
         while self.pending_signals:
@@ -635,11 +862,9 @@ class Cluster:
             if slot.state == BACKOFF:
                 slot.state = STOPPED
                 slot.respawn_at = None
-            if slot.alive and not slot.sigterm_sent:
-                slot.sigterm_sent = True
-                assert slot.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    slot.proc.send_signal(signal.SIGTERM)
+            if slot.worker is not None and not slot.stop_sent:
+                slot.stop_sent = True
+                slot.worker.stop()
 
     # -- workers ---------------------------------------------------------------
 
@@ -672,7 +897,7 @@ class Cluster:
             REDIS_URL=self.redis_url,
             REDIS_KEY_PREFIX=self.opts.key_prefix,
             HEXSCRAPE_RUN_ID=self.run_id,
-            HEXSCRAPE_INSTANCE=f"{self.run_id}-{slot.index}-{slot.spawns}",
+            HEXSCRAPE_INSTANCE=self.instance_id(slot),
             HEXSCRAPE_SUPERVISOR_PID=str(os.getpid()),
             PYTHONUNBUFFERED="1",
         )
@@ -681,13 +906,15 @@ class Cluster:
             env["IDLE_CLOSE_SECONDS"] = repr(self.opts.idle_close)
         return env
 
+    def instance_id(self, slot: Slot) -> str:
+        """Names the worker's stats records (and, under scrapyd, its job)."""
+        return f"{self.run_id}-{slot.index}-{slot.spawns}"
+
     def log_path(self, slot: Slot) -> Path:
         return self.opts.log_dir / f"worker-{slot.index}.log"
 
-    def spawn(self, slot: Slot) -> None:
-        if slot.spawns:
-            self.release_slice(slot)
-        slot.spawns += 1
+    def start_worker(self, slot: Slot) -> Worker:
+        """Start the slot's worker process; overridden by :class:`ScrapydCluster`."""
         env = self.env_for(slot)
         path = self.log_path(slot)
         with path.open("ab") as log:
@@ -696,24 +923,55 @@ class Cluster:
                 f"{slot.index} sessions [{slot.start}, {slot.end}) spawn {slot.spawns}\n".encode()
             )
             log.flush()
-            slot.log_offset = log.tell()
             # Own session: a terminal's Ctrl-C goes to the primary only, which
             # then drains the workers with exactly one SIGTERM each.
-            slot.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 self.worker_command(slot), cwd=PROJECT_ROOT, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )
-        slot.instance = env["HEXSCRAPE_INSTANCE"]
+            return LocalWorker(proc, path, log.tell())
+
+    def refresh_workers(self) -> None:
+        """Update what the workers' poll() reports (scrapyd: poll the nodes)."""
+
+    def spawn(self, slot: Slot) -> None:
+        if slot.spawns and slot.last_dead:
+            self.release_slice(slot)
+        slot.spawns += 1
+        slot.instance = self.instance_id(slot)
+        slot.stop_sent = False
+        slot.respawn_at = None
+        try:
+            slot.worker = self.start_worker(slot)
+        except WorkerStartError as exc:
+            self._start_failed(slot, str(exc))
+            return
         slot.spawned_at = time.monotonic()
         slot.state = STARTING
-        slot.sigterm_sent = False
-        slot.respawn_at = None
         logger.info(
-            "slot %d: started worker pid %d with sessions [%d, %d)%s",
-            slot.index, slot.proc.pid, slot.start, slot.end,
+            "slot %d: started %s with sessions [%d, %d)%s",
+            slot.index, slot.worker.label(), slot.start, slot.end,
             f" (respawn {slot.respawns})" if slot.respawns else "",
         )
+
+    def _start_failed(self, slot: Slot, why: str) -> None:
+        """Counted as a crash: back off, or give the slot up."""
+        now = time.monotonic()
+        slot.error = why
+        slot.exits.append({"pid": None, "code": None, "signal": None, "reason": None,
+                           "uptime_s": 0.0, "rss_bytes": None, "note": "not started"})
+        delay = slot.crashes.crashed(now)
+        if delay is None:
+            slot.state = GAVE_UP
+            logger.error("slot %d: could not start a worker; given up after %d failures "
+                         "within %.0fs: %s", slot.index, len(slot.crashes.times),
+                         self.opts.policy.window, why)
+            return
+        slot.state = BACKOFF
+        slot.respawn_at = now + delay
+        logger.warning("slot %d: could not start a worker (%s); retrying in %.1fs",
+                       slot.index, why, delay)
 
     def release_slice(self, slot: Slot) -> None:
         """The slot's previous worker is dead: free its session-slice lease now,
@@ -729,72 +987,97 @@ class Cluster:
         except Exception as exc:  # the successor then waits for the lease TTL
             logger.warning("slot %d: could not release its session leases: %s", slot.index, exc)
 
-    def reap(self) -> None:
-        """Notice exited workers and decide what each exit means."""
+    def _poll_exits(self) -> list[tuple[Slot, WorkerExit]]:
+        self.refresh_workers()
         exited = []
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is not None:
-                exited.append(slot)
+            if slot.worker is not None:
+                ex = slot.worker.poll()
+                if ex is not None:
+                    exited.append((slot, ex))
+        return exited
+
+    def reap(self) -> None:
+        """Notice exited workers and decide what each exit means."""
+        exited = self._poll_exits()
         if not exited:
             return
         # The final record was XADDed before the process exited: read it first.
         self.read_stats(block_ms=None)
         now = time.monotonic()
-        for slot in exited:
-            self._on_exit(slot, now)
+        for slot, ex in exited:
+            self._on_exit(slot, ex, now)
 
-    def _on_exit(self, slot: Slot, now: float) -> None:
-        assert slot.proc is not None and slot.instance is not None
-        rc = slot.proc.returncode
-        pid = slot.proc.pid
-        slot.proc = None
+    def _on_exit(self, slot: Slot, ex: WorkerExit, now: float) -> None:
+        worker = slot.worker
+        assert worker is not None and slot.instance is not None
+        slot.worker = None
+        slot.last_dead = ex.dead
         reason = self.agg.final_reason(slot.instance)
-        rss = self.agg.rss(slot.instance)
         info: dict[str, Any] = {
-            "pid": pid,
-            "code": rc if rc >= 0 else None,
-            "signal": _signal_name(-rc) if rc < 0 else None,
+            "pid": worker.pid,
+            "code": ex.code,
+            "signal": _signal_name(ex.signal) if ex.signal is not None else None,
             "reason": reason,
             "uptime_s": round(now - slot.spawned_at, 1),
-            "rss_bytes": rss,
+            "rss_bytes": self.agg.rss(slot.instance),
+            **worker.details(),
         }
+        if not ex.known and ex.signal is None and reason is not None:
+            # scrapyd does not report it, but our crawl command exits with this
+            info["code"] = exit_code_for(reason)
+            info["code_from"] = "finish reason"
+        if ex.note:
+            info["note"] = ex.note
         slot.exits.append(info)
-        how = info["signal"] or f"code {rc}"
+        who = worker.label()
+        how = ex.text()
         final = f"finish reason {reason}" if reason else "no final stats record"
         if slot.state == KILLED:
             return
+        if ex.known:
+            clean = ex.code == 0 or ex.signal == signal.SIGTERM
+        else:  # a scrapyd job: its final record is all we know
+            clean = reason in ("finished", "shutdown") or ex.removed
         if self.draining:
-            if self.forced and rc == -signal.SIGKILL:
-                slot.state = KILLED
-                logger.warning("slot %d: worker pid %d killed", slot.index, pid)
-            elif rc == 0 or rc == -signal.SIGTERM:
+            if clean:
                 slot.state = STOPPED
-                logger.info("slot %d: worker pid %d drained (%s, %s)", slot.index, pid, how, final)
+                logger.info("slot %d: %s drained (%s, %s)", slot.index, who, how, final)
+            elif self.forced and ex.signal == signal.SIGKILL:
+                slot.state = KILLED
+                logger.warning("slot %d: %s killed", slot.index, who)
             else:
                 slot.state = EXITED
-                slot.error = log_tail_error(self.log_path(slot), slot.log_offset, self.secrets)
-                logger.warning(
-                    "slot %d: worker pid %d exited during shutdown (%s, %s)",
-                    slot.index, pid, how, final,
-                )
+                slot.error = self.exit_error(slot, worker)
+                logger.warning("slot %d: %s exited during shutdown (%s, %s)",
+                               slot.index, who, how, final)
             return
-        if rc == 0 and reason == "finished":
+        ok_exit = ex.code == 0 if ex.known else True
+        if ex.removed:
+            slot.state = STOPPED
+            logger.warning("slot %d: %s was cancelled from outside the cluster before it "
+                           "started; not %s", slot.index, who, self.RESPAWNED)
+            return
+        if ok_exit and reason == "finished":
             slot.state = FINISHED
-            logger.info("slot %d: worker pid %d finished: the frontier is done", slot.index, pid)
+            logger.info("slot %d: %s finished: the frontier is done", slot.index, who)
             return
-        if rc == 0 and reason == "shutdown":
+        if ok_exit and reason == "shutdown":
             slot.state = STOPPED
             logger.warning(
-                "slot %d: worker pid %d was stopped by a signal from outside the "
-                "cluster; not respawned", slot.index, pid,
+                "slot %d: %s was stopped by a signal from outside the cluster; not %s",
+                slot.index, who, self.RESPAWNED,
             )
             return
-        slot.error = log_tail_error(self.log_path(slot), slot.log_offset, self.secrets)
-        if rc == EXIT_CONFIG:
+        slot.error = self.exit_error(slot, worker)
+        if ex.known and ex.code in (EXIT_CONFIG, EXIT_PROXY_AUTH):
+            # Respawning cannot fix a setting or a rejected password.
             slot.state = GAVE_UP
             logger.error(
-                "slot %d: worker pid %d has a configuration error; not respawned: %s",
-                slot.index, pid, slot.error or "(no message)",
+                "slot %d: %s has %s; not respawned: %s",
+                slot.index, who,
+                "a configuration error" if ex.code == EXIT_CONFIG else "its proxy credentials rejected",
+                slot.error or "(no message)",
             )
             return
         delay = slot.crashes.crashed(now)
@@ -802,21 +1085,29 @@ class Cluster:
         if delay is None:
             slot.state = GAVE_UP
             logger.error(
-                "slot %d: worker pid %d died (%s); given up after %d crashes within "
+                "slot %d: %s died (%s); given up after %d crashes within "
                 "%.0fs; last message: %s (log: %s)",
-                slot.index, pid, detail, len(slot.crashes.times), self.opts.policy.window,
-                slot.error or "-", self.log_path(slot),
+                slot.index, who, detail, len(slot.crashes.times), self.opts.policy.window,
+                slot.error or "-", self.log_hint(slot, info),
             )
             return
         slot.state = BACKOFF
         slot.respawn_at = now + delay
         logger.warning(
-            "slot %d: worker pid %d died (%s); respawning in %.1fs (crash %d of %d "
+            "slot %d: %s died (%s); %s in %.1fs (crash %d of %d "
             "allowed within %.0fs)%s",
-            slot.index, pid, detail, delay, len(slot.crashes.times),
+            slot.index, who, detail, self.RESPAWNING, delay, len(slot.crashes.times),
             self.opts.policy.max_crashes, self.opts.policy.window,
-            f": {slot.error}" if slot.error and rc > 0 else "",
+            f": {slot.error}" if slot.error and (not ex.known or (ex.code or 0) > 0) else "",
         )
+
+    def exit_error(self, slot: Slot, worker: Worker) -> str | None:
+        """Why the worker ended badly, in one line (from its log)."""
+        return worker.error(self.secrets)
+
+    def log_hint(self, slot: Slot, info: Mapping[str, Any]) -> str:
+        """Where the slot's worker log is, for error messages."""
+        return str(self.log_path(slot))
 
     def respawn_due(self) -> None:
         if self.draining:
@@ -826,27 +1117,38 @@ class Cluster:
             if slot.state == BACKOFF and slot.respawn_at is not None and now >= slot.respawn_at:
                 self.spawn(slot)
 
-    def kill_remaining(self) -> None:
+    def kill_remaining(self, wait: float = 10.0) -> None:
         """The deadline passed: SIGKILL whoever is still draining."""
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                logger.warning(
-                    "slot %d: worker pid %d did not drain in time: SIGKILL",
-                    slot.index, slot.proc.pid,
-                )
+            if slot.worker is not None and slot.worker.poll() is None:
+                logger.warning("slot %d: %s did not drain in time: SIGKILL",
+                               slot.index, slot.worker.label())
                 slot.state = KILLED
-                with contextlib.suppress(ProcessLookupError):
-                    slot.proc.kill()
-        for slot in self.slots:
-            if slot.proc is not None:
-                try:
-                    slot.proc.wait(10)
-                except subprocess.TimeoutExpired:  # pragma: no cover - unkillable
-                    logger.error("slot %d: pid %d survives SIGKILL", slot.index, slot.proc.pid)
-                    continue
-                if slot.state != KILLED:
+                slot.worker.kill()
+        deadline = time.monotonic() + wait
+        while True:
+            exited = self._poll_exits()
+            if exited:
+                self.read_stats(block_ms=None)
+            for slot, ex in exited:
+                self._on_exit(slot, ex, time.monotonic())
+            left = [s for s in self.slots if s.worker is not None]
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                for slot in left:  # unkillable, or its scrapyd node is gone
+                    worker = slot.worker
+                    assert worker is not None
+                    logger.error("slot %d: %s survives SIGKILL (or its state is unknown)",
+                                 slot.index, worker.label())
+                    slot.exits.append({"pid": worker.pid, "code": None, "signal": None,
+                                       "reason": None, "note": "state unknown after SIGKILL",
+                                       **worker.details()})
+                    slot.worker = None
+                    slot.last_dead = False
                     slot.state = KILLED
-                self._on_exit(slot, time.monotonic())
+                return
+            time.sleep(0.05)
 
     # -- stats -----------------------------------------------------------------
 
@@ -997,7 +1299,8 @@ class Cluster:
                 "slot": s.index,
                 "session_range": [s.start, s.end],
                 "state": s.state,
-                "pid": s.proc.pid if s.proc is not None else None,
+                "pid": s.worker.pid if s.worker is not None else None,
+                **self.slot_details(s),
                 "spawns": s.spawns,
                 "respawns": s.respawns,
                 "crashes": s.crashes.total,
@@ -1024,8 +1327,17 @@ class Cluster:
             "leased": leased,
             "respawns": sum(s.respawns for s in self.slots),
             "gave_up": [s.index for s in self.slots if s.state == GAVE_UP],
+            **self.run_details(),
             "slots": slots,
         }
+
+    def slot_details(self, slot: Slot) -> dict[str, Any]:
+        """Extra per-slot summary fields (scrapyd: node and job)."""
+        return {}
+
+    def run_details(self) -> dict[str, Any]:
+        """Extra summary fields about the run (scrapyd: the nodes)."""
+        return {"mode": "local"}
 
     # -- main loop ---------------------------------------------------------------
 
@@ -1066,11 +1378,163 @@ class Cluster:
                 self.begin_drain("internal error")
             deadline = self.deadline or time.monotonic()
             while any(s.alive for s in self.slots) and time.monotonic() < deadline:
-                for s in self.slots:
-                    if s.proc is not None and s.proc.poll() is not None:
-                        self._on_exit(s, time.monotonic())
+                for s, ex in self._poll_exits():
+                    self._on_exit(s, ex, time.monotonic())
                 time.sleep(0.05)
             self.kill_remaining()
+
+
+# -- scrapyd mode ------------------------------------------------------------------
+
+
+class ScrapydWorker(Worker):
+    """A scrapyd job (:class:`hexscrape.scrapyd.ScrapydJob`) seen as a worker."""
+
+    NOTES: ClassVar[dict[str, str]] = {
+        "finished": "job ended",
+        "removed": "removed from the scrapyd queue before it started",
+        "vanished": "no longer listed by scrapyd",
+        "lost": "its scrapyd node stopped answering",
+    }
+
+    def __init__(self, job: ScrapydJob) -> None:
+        self.job = job
+
+    @property
+    def pid(self) -> int | None:
+        return self.job.pid
+
+    def label(self) -> str:
+        pid = f" (pid {self.job.pid})" if self.job.pid else ""
+        return f"job {self.job.id} on {self.job.node_name}{pid}"
+
+    def poll(self) -> WorkerExit | None:
+        end = self.job.end
+        if end is None:
+            return None
+        return WorkerExit(
+            known=False, dead=end.dead, removed=end.how == "removed",
+            signal=signal.SIGKILL if self.job.kill_sent else None,
+            note=self.NOTES.get(end.how, end.how),
+        )
+
+    def stop(self) -> None:
+        self.job.stop()
+
+    def kill(self) -> None:
+        self.job.kill()
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": self.job.node_name, "job": self.job.id}
+        if self.job.log_url:
+            out["log"] = self.job.node_name + self.job.log_url
+        return out
+
+    def error(self, secrets: Sequence[str]) -> str | None:
+        tail = self.job.log_tail()
+        if tail is None:
+            return ("no job log: it died before logging (see the scrapyd log on "
+                    f"{self.job.node_name})")
+        return telling_line(tail.splitlines(), secrets)
+
+
+class ScrapydCluster(Cluster):
+    """Worker slots as scrapyd jobs: slot ``k`` runs on node ``k // M``.
+
+    The same loop as the local mode; only starting, watching and stopping a
+    worker go through :class:`hexscrape.scrapyd.JobLauncher`. A job gets its
+    slice and identity as job settings (which win over the node's environment);
+    proxy credentials and a Redis password only with *pass_credentials*.
+    """
+
+    RESPAWNING, RESPAWNED = "rescheduling", "rescheduled"
+
+    def __init__(self, opts: Options, *, launcher: JobLauncher, pass_credentials: bool,
+                 send_redis_url: bool, **kw: Any) -> None:
+        super().__init__(opts, **kw)
+        self.launcher = launcher
+        self.pass_credentials = pass_credentials
+        self.send_redis_url = send_redis_url
+        self._nodes: dict[int, str] = {}  # slot -> node of its latest job
+
+    def job_settings(self, slot: Slot) -> list[tuple[str, str]]:
+        """The job's settings: the user's, then ours (ours win: slices must stay
+        disjoint). Values are never logged (they may hold credentials)."""
+        o = self.opts
+        out: list[tuple[str, str]] = list(o.settings)
+        out += [(n, v) for k, n, v in o.slot_settings if k == slot.index]
+        out += [
+            ("HEXSCRAPE_STATS_INTERVAL", repr(o.stats_interval)),
+            ("MEMUSAGE_ENABLED", "True" if o.memusage_limit_mb else "False"),
+            ("MEMUSAGE_LIMIT_MB", str(o.memusage_limit_mb)),
+            ("MEMUSAGE_CHECK_INTERVAL_SECONDS", repr(o.memusage_check_interval)),
+        ]
+        if o.idle_close is not None:
+            out.append(("IDLE_CLOSE_SECONDS", repr(o.idle_close)))
+        if self.pass_credentials:
+            out += [(n, self.worker_env[n]) for n in CREDENTIAL_NAMES if self.worker_env.get(n)]
+        if self.send_redis_url:
+            out.append(("REDIS_URL", self.redis_url))
+        out += [
+            ("WORKER_SLOT", str(slot.index)),
+            ("SESSION_RANGE_START", str(slot.start)),
+            ("SESSION_RANGE_END", str(slot.end)),
+            ("SESSION_POOL_SIZE", str(o.pool_size)),
+            ("REDIS_KEY_PREFIX", o.key_prefix),
+            ("HEXSCRAPE_RUN_ID", self.run_id),
+            ("HEXSCRAPE_INSTANCE", self.instance_id(slot)),
+        ]
+        return out
+
+    def start_worker(self, slot: Slot) -> Worker:
+        preferred = min(slot.index // self.opts.workers_per_node, len(self.launcher.nodes) - 1)
+        try:
+            job = self.launcher.schedule(slot.index, preferred, self.instance_id(slot),
+                                         self.job_settings(slot))
+        except ScrapydError as exc:
+            raise WorkerStartError(str(exc)) from None
+        self._nodes[slot.index] = job.node_name
+        return ScrapydWorker(job)
+
+    def refresh_workers(self) -> None:
+        self.launcher.refresh()
+
+    def exit_error(self, slot: Slot, worker: Worker) -> str | None:
+        """A job that never sent a stats record failed at start: its one-line
+        error went to stderr, which scrapyd keeps in its own log, not the job's."""
+        if not isinstance(worker, ScrapydWorker):
+            return worker.error(self.secrets)
+        job = worker.job
+        if job.end is not None and job.end.how == "lost":  # no log to fetch
+            return f"lost sight of it: {job.node.last_error or 'its node stopped answering'}"
+        if slot.instance in self.agg.latest:
+            return worker.error(self.secrets)
+        tail = job.log_tail()
+        line = telling_line(tail.splitlines(), self.secrets, fallback=False) if tail else None
+        return line or (
+            f"it failed at start; the reason is in the scrapyd log on {job.node_name} "
+            "(a 'hexscrape: error:' line, e.g. HEX_USER/HEX_PASS missing from the scrapyd "
+            "service's environment, or a traceback, e.g. setuptools>=81 without pkg_resources)"
+        )
+
+    def log_hint(self, slot: Slot, info: Mapping[str, Any]) -> str:
+        return str(info.get("log") or f"the scrapyd log on {info.get('node', '?')}")
+
+    def slot_details(self, slot: Slot) -> dict[str, Any]:
+        node = self._nodes.get(slot.index)
+        if node is None:
+            preferred = min(slot.index // self.opts.workers_per_node, len(self.launcher.nodes) - 1)
+            node = self.launcher.nodes[preferred].node.name
+        job = slot.worker.job.id if isinstance(slot.worker, ScrapydWorker) else None
+        return {"node": node, "job": job}
+
+    def run_details(self) -> dict[str, Any]:
+        return {
+            "mode": "scrapyd",
+            "project": self.launcher.project,
+            "nodes": [st.node.name for st in self.launcher.nodes],
+            "workers_per_node": self.opts.workers_per_node,
+        }
 
 
 def _text(value: bytes | str) -> str:
@@ -1126,6 +1590,23 @@ def connect_redis(url: str) -> Any:
         msg = f"Redis at {redact_url(url)} does not answer: {exc}"
         raise ServiceError(msg, EXIT_REDIS) from None
     return client
+
+
+def prepare_scrapyd(opts: Options) -> JobLauncher:
+    """Check every scrapyd node answers and has the project (deploying the egg
+    where it is missing, or everywhere with --deploy); ServiceError(EXIT_NODE)."""
+    launcher = JobLauncher(opts.scrapyd, opts.scrapyd_project, SPIDER,
+                           node_timeout=opts.node_timeout)
+    try:
+        launcher.prepare(deploy=opts.deploy, egg=lambda: build_egg(PROJECT_ROOT))
+    except ScrapydError as exc:
+        raise ServiceError(str(exc), EXIT_NODE) from None
+    logger.info(
+        "scrapyd: %d node(s) x %d job(s), project %s: %s", len(launcher.nodes),
+        opts.workers_per_node, launcher.project,
+        ", ".join(f"{st.node.name} (version {st.version})" for st in launcher.nodes),
+    )
+    return launcher
 
 
 def start_embedded_redis(data_dir: Path, fresh: bool) -> Any:
@@ -1365,6 +1846,15 @@ def setup_logging(progress: bool, secrets: Sequence[str]) -> Any:
     return console
 
 
+def add_log_secrets(secrets: Sequence[str]) -> None:
+    """Mask more strings in what we log (after :func:`setup_logging`)."""
+    for handler in logging.getLogger("hexscrape").handlers:
+        for f in handler.filters:
+            if isinstance(f, RedactSecrets):
+                f.secrets = sorted(set(f.secrets) | {x for x in secrets if x}, key=len,
+                                   reverse=True)
+
+
 def _secrets(env: Mapping[str, str]) -> list[str]:
     from urllib.parse import quote
 
@@ -1373,8 +1863,15 @@ def _secrets(env: Mapping[str, str]) -> list[str]:
 
 
 def check_worker_config(env: Mapping[str, str], opts: Options) -> None:
-    """Fail fast, in one line, on what every worker would fail on at start."""
+    """Fail fast, in one line, on what every worker would fail on at start.
+
+    Scrapyd jobs that take their credentials from their node's environment
+    are not checked for credentials here (we cannot see that environment).
+    """
     env = {k: v for k, v in env.items() if k not in ASSIGNED_BY_PRIMARY}
+    if opts.scrapyd and not opts.pass_credentials and not opts.sandbox:
+        env = {k: v for k, v in env.items() if k not in CREDENTIAL_NAMES}
+        env["HEX_GATEWAY"] = "none"
     try:
         load_config(env={**env, "SESSION_POOL_SIZE": str(opts.pool_size),
                          "SESSION_RANGE_START": "0", "SESSION_RANGE_END": "1"})
@@ -1414,6 +1911,7 @@ class Primary:
         self.metrics: MetricsServer | None = None
         self.summary: dict[str, Any] | None = None
         self.frontier_done = False
+        self.launcher: JobLauncher | None = None
 
     def _early_signal(self, signum: int, frame: Any) -> None:
         self.pending.append(signum)
@@ -1451,6 +1949,9 @@ class Primary:
         opts.log_dir.mkdir(parents=True, exist_ok=True)
         if not opts.sandbox:
             check_worker_config(env, opts)
+        if opts.scrapyd:  # before Redis and seeding: a dead node stops the run here
+            add_log_secrets([pw for u in opts.scrapyd if (pw := url_password(u))])
+            self.launcher = prepare_scrapyd(opts)
         # Redis: given, or embedded with its data under the output dir.
         if opts.redis_url:
             redis_url = opts.redis_url
@@ -1464,10 +1965,7 @@ class Primary:
             setup_logging(progress, _secrets(env))
             logger.info("sandbox gateway on %s", env.get("HEX_GATEWAY"))
             check_worker_config(env, opts)
-        cluster = self.cluster = Cluster(
-            opts, redis_url=redis_url, worker_env=env, secrets=_secrets(env),
-            redis_client=client,
-        )
+        cluster = self.cluster = self._make_cluster(env, redis_url, client)
         if opts.metrics_port is not None:
             self.metrics = MetricsServer(cluster, opts.metrics_host, opts.metrics_port)
         seed_env = {**env, "REDIS_URL": redis_url}
@@ -1496,6 +1994,39 @@ class Primary:
         self.summary["frontier_done"] = self.frontier_done
         write_json(opts.stats_file, self.summary)
         return code
+
+    def _make_cluster(self, env: dict[str, str], redis_url: str, client: Any) -> Cluster:
+        opts = self.opts
+        secrets = _secrets(env)
+        if self.launcher is None:
+            return Cluster(opts, redis_url=redis_url, worker_env=env, secrets=secrets,
+                           redis_client=client)
+        # Scrapyd keeps job settings (job list, log): credentials stay on the nodes
+        # unless asked for; the sandbox's are throwaway ones for loopback nodes.
+        passing = opts.pass_credentials or opts.sandbox
+        redis_pw = url_password(redis_url)
+        if redis_pw:
+            secrets.append(redis_pw)
+            add_log_secrets([redis_pw])
+        if opts.pass_credentials:
+            logger.warning(
+                "--scrapyd-pass-credentials: %s go to the jobs as settings; scrapyd keeps "
+                "them in its log and job list", ", ".join(n for n in CREDENTIAL_NAMES if env.get(n))
+                + (" and the Redis password" if redis_pw else "") or "no credentials",
+            )
+        elif not opts.sandbox:
+            logger.info(
+                "proxy credentials: from each scrapyd node's environment (HEX_USER, HEX_PASS, "
+                "HEX_GATEWAY are not sent; --scrapyd-pass-credentials would send them)"
+            )
+            if redis_pw:
+                logger.info("the Redis URL has a password: not sent either; the nodes use "
+                            "REDIS_URL from their environment")
+        return ScrapydCluster(
+            opts, launcher=self.launcher, pass_credentials=passing,
+            send_redis_url=not redis_pw or opts.pass_credentials,
+            redis_url=redis_url, worker_env=env, secrets=secrets, redis_client=client,
+        )
 
     def _cleanup(self) -> None:
         """Stop whatever we started; workers first, Redis last."""

@@ -361,6 +361,10 @@ class StickySessionMiddleware:
             verdict = self.judge_response(request, response)
         if verdict == BAN:
             return self._retry_elsewhere(request, f"session ban (HTTP {response.status})") or response
+        if verdict == AUTH:
+            # not the URL's fault: put it back (in Redis, for a worker whose
+            # credentials work) instead of failing it
+            return self._requeue(request, "hexscrape/proxy/requeued")
         return response
 
     def process_exception(self, request: Request, exception: Exception) -> Request | None:
@@ -374,7 +378,7 @@ class StickySessionMiddleware:
             verdict = self.judge_exception(request, exception)
         if verdict == BAN:
             return self._retry_elsewhere(request, exception)
-        if verdict == GATEWAY:
+        if verdict in (GATEWAY, AUTH):
             return self._requeue(request, "hexscrape/proxy/requeued")
         return None
 

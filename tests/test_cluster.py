@@ -347,6 +347,26 @@ def test_crashing_workers_back_off_then_are_given_up(cluster, sandbox, redis_url
     assert sandbox.gateway.records() == []
 
 
+def test_rejected_credentials_are_given_up_at_once_while_others_finish(cluster, sandbox, redis_url,
+                                                                       tmp_path):
+    urls = write_urls(tmp_path / "urls.txt", 30)
+    run = cluster(
+        "-n", "2", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
+        "--slot-set", "0:HEX_PASS=wrong-password",
+        *FAST_CLOSE, env=env_for(sandbox),
+    )
+    assert run.wait(90) == 3, run.stderr  # a slot was given up
+    slot0, slot1 = run.summary["slots"]
+    assert slot0["state"] == "gave_up" and slot0["spawns"] == 1
+    assert slot0["exits"][0]["code"] == 3 and slot0["exits"][0]["reason"] == "proxy_auth_failed"
+    assert "its proxy credentials rejected; not respawned" in run.stderr
+    assert "wrong-password" not in run.stderr
+    ok = [r["target"] for r in sandbox.gateway.records() if r["status"] == 200]
+    assert sorted(ok) == sorted(urls)  # slot 1 crawled everything, each URL once
+    assert run.summary["totals"]["requests_failed"] == 0  # 407s were put back, not failed
+    assert sorted(i["url"] for i in run.items()) == sorted(urls)
+
+
 # -- shutdown ------------------------------------------------------------------------------------
 
 
