@@ -61,7 +61,29 @@ class _SessionProxyAgent(_ScrapyProxyAgent):
 
 
 class _SessionScrapyAgent(_ScrapyAgent):
+    """Builds per-session proxy agents, and reuses them: Scrapy builds a new
+    Twisted agent (URI parsing, endpoint factory) for every request."""
+
+    agents: dict[tuple[object, ...], Agent]
+
     def _get_agent(self, request: Request, timeout: float) -> Agent:
+        meta = request.meta
+        proxy = meta.get("proxy")
+        if not proxy:
+            return super()._get_agent(request, timeout)
+        key = (
+            proxy, request.headers.get(b"Proxy-Authorization"), timeout,
+            meta.get("bindaddress"), request.url[:6] == "https:",
+        )
+        agent = self.agents.get(key)
+        if agent is None:
+            agent = self._build_agent(request, timeout)
+            if len(self.agents) > 10_000:  # bounded: sessions x timeouts in practice
+                self.agents.clear()
+            self.agents[key] = agent
+        return agent
+
+    def _build_agent(self, request: Request, timeout: float) -> Agent:
         agent = super()._get_agent(request, timeout)
         if type(agent) is _ScrapyProxyAgent:
             from twisted.internet import reactor
@@ -83,6 +105,7 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
 
     def __init__(self, crawler: Crawler) -> None:
         super().__init__(crawler)
+        self._agents: dict[tuple[object, ...], Agent] = {}
         # Keep as many idle connections per session as it may have in flight.
         self._pool.maxPersistentPerHost = max(
             self._pool.maxPersistentPerHost,
@@ -129,6 +152,7 @@ class SessionHTTP11DownloadHandler(HTTP11DownloadHandler):
             crawler=self._crawler,
             tls_verbose_logging=self._tls_verbose_logging,
         )
+        agent.agents = self._agents
         try:
             with wrap_twisted_exceptions():
                 return await maybe_deferred_to_future(agent.download_request(request))
