@@ -7,6 +7,7 @@ primary, scrapyd, systemd) needs a one-line error and an exit code instead.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
 
 
 class Command(ScrapyCrawlCommand):
+    def _fail(self, message: str, code: int) -> None:
+        """One line on stderr; also in the log file when there is one (scrapyd
+        keeps a job's stderr only in its own launcher log)."""
+        print(f"hexscrape: error: {message}", file=sys.stderr)
+        if self.settings is not None and self.settings.get("LOG_FILE"):
+            logging.getLogger("hexscrape").error("hexscrape: error: %s", message)
+        self.exitcode = code
+
     def run(self, args: list[str], opts: argparse.Namespace) -> None:
         if len(args) != 1:
             return super().run(args, opts)
@@ -38,12 +47,10 @@ class Command(ScrapyCrawlCommand):
             if frontier is not None and (problem := redis_problem(frontier)):
                 raise RedisUnavailable(problem)
         except ConfigError as exc:
-            print(f"hexscrape: error: {exc}", file=sys.stderr)
-            self.exitcode = EXIT_CONFIG
+            self._fail(str(exc), EXIT_CONFIG)
             return None
         except RedisUnavailable as exc:
-            print(f"hexscrape: error: {exc}", file=sys.stderr)
-            self.exitcode = EXIT_REDIS
+            self._fail(str(exc), EXIT_REDIS)
             return None
         install_redaction(config.secrets())
 
