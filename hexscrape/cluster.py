@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
-from hexscrape.config import DEFAULT_POOL_SIZE, ConfigError, load_config
+from hexscrape.config import DEFAULT_POOL_SIZE, ConfigError, load_config, redact_url
 from hexscrape.exitcodes import EXIT_CONFIG, EXIT_PROXY_AUTH, exit_code_for
 from hexscrape.exitcodes import EXIT_REDIS as EXIT_REDIS_WORKER
 from hexscrape.logredact import RedactSecrets
@@ -92,6 +92,7 @@ from hexscrape.scrapyd import (
     project_from_cfg,
     url_password,
 )
+from hexscrape.redisserver import terminate
 from hexscrape.sessions import slice_bounds
 from hexscrape.statsagg import (
     RECORD_FIELD,
@@ -556,21 +557,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         metrics_host=ns.metrics_host,
         **scrapyd,
     )
-
-
-def redact_url(url: str) -> str:
-    """*url* without its password (for logs and the summary)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-    except ValueError:
-        return "<unparseable URL>"
 
 
 # -- worker slots ----------------------------------------------------------------
@@ -1673,13 +1659,7 @@ class SandboxProcess:
         return {k: str(v) for k, v in self.info.get("env", {}).items()}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self.proc = None
 
 

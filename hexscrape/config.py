@@ -88,17 +88,17 @@ class HexConfig:
 
 
 def redact_url(url: str) -> str:
-    """*url* without its password, for messages (redis://:pw@host → redis://***@host)."""
+    """*url* with its password masked, for logs and summaries (redis://:***@host)."""
     try:
         parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 def _lookup(

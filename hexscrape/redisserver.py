@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = (
     "no redis-server binary found: install one (apt-get install redis-server, "
@@ -25,6 +26,17 @@ INSTALL_HINT = (
 
 class RedisServerError(RuntimeError):
     pass
+
+
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a child, SIGKILL it if it lingers, and reap it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
 
 
 def find_redis_server() -> str | None:
@@ -130,13 +142,7 @@ class RedisServer:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:

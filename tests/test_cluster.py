@@ -562,7 +562,7 @@ def test_no_redis_server_binary_gives_the_install_hint(monkeypatch, tmp_path):
 
 
 def test_redis_urls_lose_their_password_in_logs_and_summary():
-    from hexscrape.cluster import redact_url
+    from hexscrape.config import redact_url
 
     assert redact_url("redis://:hunter2@db:6380/1") == "redis://:***@db:6380/1"
     assert redact_url("redis://u:hunter2@db/0") == "redis://u:***@db/0"
