@@ -95,6 +95,7 @@ from hexscrape.scrapyd import (
 from hexscrape.redisserver import terminate
 from hexscrape.sessions import slice_bounds
 from hexscrape.statsagg import (
+    worst_sessions,
     RECORD_FIELD,
     SUMMARY_HEADERS,
     CrashTracker,
@@ -1313,6 +1314,7 @@ class Cluster:
             "leased": leased,
             "respawns": sum(s.respawns for s in self.slots),
             "gave_up": [s.index for s in self.slots if s.state == GAVE_UP],
+            "worst_sessions": worst_sessions(totals.sessions),
             **self.run_details(),
             "slots": slots,
         }
@@ -1798,6 +1800,11 @@ def print_summary(summary: Mapping[str, Any], console: Any) -> None:
     for i, row in enumerate(rows):
         table.add_row(*row, end_section=i == len(rows) - 2)
     console.print(table)
+    worst = summary.get("worst_sessions") or []
+    if worst:
+        console.print("worst sessions: " + ", ".join(
+            f"{w['session']} ({w['bans']} bans, {w['failed']}/{w['requests']} failed)" for w in worst
+        ))
 
 
 def setup_logging(progress: bool, secrets: Sequence[str]) -> Any:

@@ -285,6 +285,18 @@ def test_three_workers_crawl_each_url_once_within_their_slices(cluster, sandbox,
     assert sandbox.password not in text and "s3cr" not in text
 
 
+def test_summary_lists_the_worst_sessions(cluster, sandbox, redis_url, tmp_path):
+    sandbox.gateway.ban("s025", after=1, mode="403")
+    urls = write_urls(tmp_path / "urls.txt", 60)
+    run = cluster("-n", "2", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
+                  "-s", "SESSION_COOLDOWN=600", *FAST_CLOSE, env=env_for(sandbox))
+    assert run.wait(90) == 0, run.stderr
+    worst = run.summary["worst_sessions"]
+    assert worst and worst[0]["session"] == "s025" and worst[0]["bans"] >= 1
+    assert "worst sessions: s025 (" in run.stdout
+    assert sorted(i["url"] for i in run.items()) == sorted(urls)  # the ban cost no URL
+
+
 def test_sigkilled_worker_is_respawned_in_its_slot_and_nothing_is_lost(cluster, sandbox,
                                                                         redis_url, tmp_path):
     sandbox.origin.set_latency(60)
