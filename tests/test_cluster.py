@@ -286,9 +286,9 @@ def test_three_workers_crawl_each_url_once_within_their_slices(cluster, sandbox,
 
 
 def test_summary_lists_the_worst_sessions(cluster, sandbox, redis_url, tmp_path):
-    sandbox.gateway.ban("s025", after=1, mode="403")
+    sandbox.gateway.ban("s025", after=0, mode="403")
     urls = write_urls(tmp_path / "urls.txt", 60)
-    run = cluster("-n", "2", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
+    run = cluster("-n", "1", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
                   "-s", "SESSION_COOLDOWN=600", *FAST_CLOSE, env=env_for(sandbox))
     assert run.wait(90) == 0, run.stderr
     worst = run.summary["worst_sessions"]
@@ -359,24 +359,29 @@ def test_crashing_workers_back_off_then_are_given_up(cluster, sandbox, redis_url
     assert sandbox.gateway.records() == []
 
 
-def test_rejected_credentials_are_given_up_at_once_while_others_finish(cluster, sandbox, redis_url,
-                                                                       tmp_path):
+def test_rejected_credentials_are_given_up_at_once_and_lose_no_url(cluster, sandbox, redis_url,
+                                                                    tmp_path):
     urls = write_urls(tmp_path / "urls.txt", 30)
     run = cluster(
-        "-n", "2", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
+        "-n", "1", "--urls", str(tmp_path / "urls.txt"), "--redis-url", redis_url,
         "--slot-set", "0:HEX_PASS=wrong-password",
         *FAST_CLOSE, env=env_for(sandbox),
     )
-    assert run.wait(90) == 3, run.stderr  # a slot was given up
-    slot0, slot1 = run.summary["slots"]
-    assert slot0["state"] == "gave_up" and slot0["spawns"] == 1
+    assert run.wait(90) == 3, run.stderr  # the only slot was given up
+    (slot0,) = run.summary["slots"]
+    assert slot0["state"] == "gave_up" and slot0["spawns"] == 1  # not respawned
     assert slot0["exits"][0]["code"] == 3 and slot0["exits"][0]["reason"] == "proxy_auth_failed"
     assert "its proxy credentials rejected; not respawned" in run.stderr
     assert "wrong-password" not in run.stderr
-    ok = [r["target"] for r in sandbox.gateway.records() if r["status"] == 200]
-    assert sorted(ok) == sorted(urls)  # slot 1 crawled everything, each URL once
+    assert {r["status"] for r in sandbox.gateway.records()} == {407}
     assert run.summary["totals"]["requests_failed"] == 0  # 407s were put back, not failed
-    assert sorted(i["url"] for i in run.items()) == sorted(urls)
+    assert run.summary["queued"] == len(urls)  # every URL still in the frontier
+
+    sandbox.reset()
+    again = cluster("-n", "1", "--redis-url", redis_url, *FAST_CLOSE, env=env_for(sandbox),
+                    output=tmp_path / "out2")
+    assert again.wait(90) == 0, again.stderr
+    assert sorted(r["target"] for r in sandbox.gateway.records()) == sorted(urls)
 
 
 # -- shutdown ------------------------------------------------------------------------------------

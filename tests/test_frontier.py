@@ -487,5 +487,5 @@ def test_seed_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     assert main([str(f), "--redis-url", url]) == EXIT_REDIS
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("hexscrape: error: cannot reach Redis at redis://***@127.0.0.1:")
+    assert err[-1].startswith("hexscrape: error: cannot reach Redis at redis://:***@127.0.0.1:")
     assert all("hunter2" not in line for line in err)

@@ -465,7 +465,7 @@ def test_unreachable_redis_at_start_is_one_line_and_exit_4(sandbox, crawl, gatew
     assert res.returncode == EXIT_REDIS, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, errors
-    assert errors[0].startswith("hexscrape: error: cannot reach Redis at redis://***@127.0.0.1:")
+    assert errors[0].startswith("hexscrape: error: cannot reach Redis at redis://:***@127.0.0.1:")
     assert "hunter2" not in res.stderr and "Traceback" not in res.stderr
     assert sandbox.gateway.records() == []
 
