@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,45 @@ def crawl(tmp_path):
         return run_crawl(tmp_path, *args, env=env, **kw)
 
     return _crawl
+
+
+# A run of ``run_cluster.py`` (local or --scrapyd), shared by test_cluster and test_scrapyd.
+@dataclass
+class Run:
+    proc: subprocess.Popen[bytes]
+    output: Path
+    stdout_path: Path
+    stderr_path: Path
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"run_cluster.py still running after {timeout}s\n{self.stderr}"
+            ) from None
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.output / "summary.json").read_text())
+
+    def items(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(self.output.glob("items-*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    item = json.loads(line)
+                    item["_file"] = path.name
+                    out.append(item)
+        return out
+
+    def worker_log(self, slot: int) -> str:
+        return (self.output / "logs" / f"worker-{slot}.log").read_text(errors="replace")

@@ -17,13 +17,12 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REPO, crawler_env
+from conftest import REPO, Run, crawler_env
 from hexscrape.sessions import session_ids, slice_bounds
 
 RUN_CLUSTER = str(REPO / "run_cluster.py")
@@ -55,47 +54,6 @@ def children_of(pid: int) -> list[int]:
         if len(fields) > 1 and int(fields[1]) == pid:
             out.append(int(entry.name))
     return out
-
-
-@dataclass
-class Run:
-    proc: subprocess.Popen[bytes]
-    output: Path
-    stdout_path: Path
-    stderr_path: Path
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"run_cluster.py still running after {timeout}s\n{self.stderr}"
-            ) from None
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.output / "summary.json").read_text())
-
-    def items(self) -> list[dict[str, Any]]:
-        out = []
-        for path in sorted(self.output.glob("items-*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    item = json.loads(line)
-                    item["_file"] = path.name
-                    out.append(item)
-        return out
-
-    def worker_log(self, slot: int) -> str:
-        return (self.output / "logs" / f"worker-{slot}.log").read_text(errors="replace")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, crawler_env
+from conftest import REPO, Run, crawler_env
 from hexscrape.redisserver import free_port
 from hexscrape.sessions import session_ids, slice_bounds
 
@@ -146,32 +146,6 @@ def nodes(sandbox_session, tmp_path_factory) -> Iterator[list[Node]]:
 
 
 # -- the launcher ----------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    proc: subprocess.Popen[bytes]
-    output: Path
-    stdout_path: Path
-    stderr_path: Path
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout}s\n{self.stderr}") from None
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.output / "summary.json").read_text())
 
 
 @pytest.fixture
