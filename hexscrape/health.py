@@ -104,7 +104,13 @@ class SessionHealth:
     def earliest_return(self) -> float:
         """Seconds until the first cooling session is usable again (0 if one is)."""
         now = self.clock()
-        return max(0.0, min(st.cool_until for st in self.state.values()) - now)
+        soonest = None
+        for st in self.state.values():
+            if st.cool_until <= now:
+                return 0.0  # checked per request: stop at the first usable session
+            if soonest is None or st.cool_until < soonest:
+                soonest = st.cool_until
+        return 0.0 if soonest is None else soonest - now
 
     def jar(self, session: str) -> str:
         """The cookie jar name of the session's current generation."""

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
 from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.downloadermiddlewares.redirect import RedirectMiddleware as BaseRedirectMiddleware
 from scrapy.downloadermiddlewares.retry import get_retry_request
+from scrapy.spidermiddlewares.referer import RefererMiddleware
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.misc import load_object
 
@@ -439,3 +441,16 @@ class StickySessionMiddleware:
 
 
 __all__ = ["ConfigError", "StickySessionMiddleware"]
+
+
+class RedirectMiddleware(BaseRedirectMiddleware):
+    """Scrapy's ``RedirectMiddleware`` without its start-up warning about Referer.
+
+    hexscrape disables ``RefererMiddleware`` (a crawl of independent URLs sends
+    no Referer, and it costs work per response), so Scrapy would warn on every
+    run. Redirects behave as in Scrapy: the redirected request drops its
+    Referer, or gets one from ``RefererMiddleware`` if you enable it.
+    """
+
+    def _engine_started(self) -> None:
+        self._referer_spider_middleware = self.crawler.get_spider_middleware(RefererMiddleware)

@@ -5,17 +5,19 @@ Pure Python: shared by the ``ip`` spider and the frontier seeding command.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_URL_TEMPLATE = "https://httpbin.org/ip?n={i}"
+_WHITESPACE = re.compile(r"\s")
 
 
 def url_problem(url: str) -> str | None:
     """Why *url* cannot be crawled, or None when it is fine."""
-    if any(c.isspace() for c in url):
+    if _WHITESPACE.search(url):
         return "contains whitespace"
     try:
         parts = urlsplit(url)

@@ -1,0 +1,67 @@
+"""hexscrape.lean keeps Scrapy's behaviour while skipping its per-request overhead."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from scrapy.utils.test import get_crawler
+
+from conftest import REPO, crawler_env, read_jsonl
+from hexscrape.lean import LeanStatsCollector
+
+EXPECTED_ITEMS = sorted(
+    [("sync", 1), ("sync", 2), ("followed", 1), ("followed", 2), ("boom", 1), ("boom", 2),
+     ("async", 1), ("async", 2), ("async", 3)]
+)
+
+
+def test_lean_stats_collector_keeps_the_stats_api():
+    stats = LeanStatsCollector(get_crawler())
+    stats.inc_value("a")
+    stats.inc_value("a", 2, spider=None)
+    stats.inc_value("b", start=10)
+    stats.max_value("m", 3)
+    stats.max_value("m", 1)
+    stats.min_value("n", 3)
+    stats.min_value("n", 1)
+    stats.set_value("s", "x")
+    assert stats.get_stats() == {"a": 3, "b": 11, "m": 3, "n": 1, "s": "x"}
+    assert stats.get_value("missing", 7) == 7
+
+
+def run_lean_spider(sandbox, tmp_path, *settings: str):
+    out = tmp_path / "lean.jsonl"
+    log = tmp_path / "lean.log"
+    stats_file = tmp_path / "stats.json"
+    args = [sys.executable, "-m", "scrapy", "runspider", str(REPO / "tests/spiders/lean_spider.py"),
+            "-O", str(out), "-s", f"TEST_ORIGIN={sandbox.http_origin}", "-s", f"LOG_FILE={log}",
+            "-s", f"HEXSCRAPE_STATS_DUMP={stats_file}"]
+    for s in settings:
+        args += ["-s", s]
+    proc = subprocess.run(args, cwd=REPO, env=crawler_env(sandbox, SESSION_POOL_SIZE=4),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:] if log.exists() else proc.stderr
+    items = sorted((i["tag"], i["n"]) for i in read_jsonl(out))
+    return items, log.read_text(), json.loads(stats_file.read_text())
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "scrapy"])
+def test_item_path_same_output_and_error_handling(sandbox, tmp_path, lean):
+    items, log, stats = run_lean_spider(sandbox, tmp_path, f"LEAN_ITEM_PATH={lean}")
+    assert items == EXPECTED_ITEMS  # items before a callback error are kept
+    assert stats["spider_exceptions/ValueError"] == 1
+    assert "callback failed after two items" in log
+    assert stats["item_scraped_count"] == len(EXPECTED_ITEMS)
+    assert stats["response_received_count"] == 4
+
+
+def test_debug_records_skipped_at_info_and_kept_at_debug(sandbox, tmp_path):
+    _, info_log, _ = run_lean_spider(sandbox, tmp_path, "LOG_LEVEL=INFO")
+    assert "Crawled (200)" not in info_log
+    assert "Scraped from" not in info_log
+    # Our RedirectMiddleware does not warn about the disabled RefererMiddleware.
+    assert "WARNING" not in info_log, info_log
+    _, debug_log, _ = run_lean_spider(sandbox, tmp_path, "LOG_LEVEL=DEBUG")
+    assert debug_log.count("Crawled (200)") == 4
+    assert debug_log.count("Scraped from") == len(EXPECTED_ITEMS)
