@@ -101,3 +101,18 @@ def test_default_checker():
     assert c.check_exception(None, TunnelError("... [{'status': 407, 'reason': b'x'}]")) == AUTH
     assert c.check_exception(None, TunnelError("... [{'status': 403, 'reason': b'x'}]")) == BAN
     assert c.check_exception(None, ValueError()) is None
+
+
+def test_earliest_return_is_zero_while_any_session_is_usable():
+    clock = Clock()
+    h = SessionHealth(["a", "b", "c"], HealthPolicy(cooldown_base=5, cooldown_max=100), clock=clock)
+    assert h.earliest_return() == 0
+    h.banned("a", retry_after=40)
+    h.banned("b", retry_after=20)
+    assert h.earliest_return() == 0  # c is usable
+    h.banned("c", retry_after=60)
+    assert h.earliest_return() == 20  # b comes back first
+    clock.t += 15
+    assert h.earliest_return() == 5
+    clock.t += 5
+    assert h.earliest_return() == 0
