@@ -16,7 +16,7 @@ Relies on private classes of Scrapy's http11 handler, hence ``scrapy<2.20``.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scrapy.core.downloader.handlers.http11 import (
     HTTP11DownloadHandler,
@@ -29,6 +29,7 @@ from scrapy.core.downloader.handlers.http11 import (
     wrap_twisted_exceptions,
 )
 from scrapy.utils.python import to_bytes
+from twisted.web.client import URI
 from scrapy.utils.url import add_http_if_no_scheme
 
 from hexscrape.middlewares import (
@@ -50,13 +51,26 @@ if TYPE_CHECKING:
 
 
 class _SessionProxyAgent(_ScrapyProxyAgent):
-    """Plain-HTTP proxy agent whose pool key includes the session credentials."""
+    """Plain-HTTP proxy agent whose pool key includes the session credentials.
 
-    def _requestWithEndpoint(self, key, endpoint, method, parsedURI, headers, bodyProducer, requestPath):  # type: ignore[no-untyped-def,override]
+    It also builds the endpoint to the gateway once: Scrapy's builds one per
+    request, though connections come from the pool nearly every time.
+    """
+
+    _endpoint: Any = None
+
+    def request(self, method, uri, headers=None, bodyProducer=None):  # type: ignore[no-untyped-def,override]
+        if self._endpoint is None:
+            self._endpoint = self._getEndpoint(self._proxyURI)
         auth = headers.getRawHeaders(b"Proxy-Authorization") if headers else None
-        key += (auth[0] if auth else None,)
-        return super()._requestWithEndpoint(
-            key, endpoint, method, parsedURI, headers, bodyProducer, requestPath
+        return self._requestWithEndpoint(
+            key=(b"http-proxy", self._proxyURI.host, self._proxyURI.port, auth[0] if auth else None),
+            endpoint=self._endpoint,
+            method=method,
+            parsedURI=URI.fromBytes(uri),
+            headers=headers,
+            bodyProducer=bodyProducer,
+            requestPath=uri,
         )
 
 

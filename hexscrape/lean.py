@@ -13,6 +13,8 @@ switched back to Scrapy's own:
 - ``LOG_FORMATTER = "hexscrape.lean.LeanLogFormatter"``
 - ``EXTENSIONS["hexscrape.lean.LeanItemPath"]`` (``LEAN_ITEM_PATH = False`` turns
   it off).
+- ``EXTENSIONS["hexscrape.lean.LeanSignals"]`` (``LEAN_SIGNALS = False`` turns it
+  off).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
+from pydispatch import dispatcher
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.logformatter import LogFormatter
@@ -140,3 +143,53 @@ class LeanItemPath:
                 await process(out, response)
 
         scraper.handle_spider_output_async = handle_spider_output_async
+
+
+class LeanSignals:
+    """Return at once from signals nobody listens to.
+
+    Scrapy sends about ten signals per request (request_scheduled,
+    headers_received, bytes_received, response_downloaded, ...); most have no
+    receiver in a crawl, yet each send walks pydispatch's receiver lookup and
+    builds the result list. This checks pydispatch's connection table first;
+    a signal with a receiver is sent by Scrapy exactly as before.
+    """
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        if not crawler.settings.getbool("LEAN_SIGNALS", True):
+            raise NotConfigured
+        manager = crawler.signals
+        send, send_async = manager.send_catch_log, manager.send_catch_log_async
+        sender = manager.sender
+
+        def send_catch_log(signal: Any, **kwargs: Any) -> list[tuple[Any, Any]]:
+            if not _has_receivers(kwargs.get("sender", sender), signal):
+                return []
+            return send(signal, **kwargs)
+
+        async def send_catch_log_async(signal: Any, **kwargs: Any) -> list[tuple[Any, Any]]:
+            if not _has_receivers(kwargs.get("sender", sender), signal):
+                return []
+            return await send_async(signal, **kwargs)
+
+        manager.send_catch_log = send_catch_log  # type: ignore[method-assign]
+        manager.send_catch_log_async = send_catch_log_async  # type: ignore[method-assign]
+        return cls(crawler)
+
+
+def _has_receivers(sender: Any, signal: Any) -> bool:
+    """Whether pydispatch has any receiver for *signal* from *sender*.
+
+    Mirrors ``pydispatch.dispatcher.getAllReceivers``: receivers of this
+    sender or of any sender, for this signal or for any signal.
+    """
+    connections = dispatcher.connections
+    for key in (id(sender), id(dispatcher.Any)):
+        by_signal = connections.get(key)
+        if by_signal and (by_signal.get(signal) or by_signal.get(dispatcher.Any)):
+            return True
+    return False

@@ -56,6 +56,16 @@ DOWNLOAD_HANDLERS = {
     "https": "hexscrape.handlers.SessionHTTP11DownloadHandler",
 }
 
+# uvloop runs the asyncio loop under Twisted's asyncio reactor ~5% cheaper.
+# It must be chosen here (or with -s), before the reactor is installed; a
+# spider's custom_settings is too late. Skipped where uvloop is not installed.
+try:
+    import uvloop  # noqa: F401
+except ImportError:  # pragma: no cover - e.g. Windows
+    pass
+else:
+    ASYNCIO_EVENT_LOOP = "uvloop.Loop"
+
 # Lean versions of Scrapy's per-request stats, log and item paths
 # (hexscrape.lean): same behaviour, a tenth less CPU per request.
 STATS_CLASS = "hexscrape.lean.LeanStatsCollector"
@@ -63,6 +73,10 @@ LOG_FORMATTER = "hexscrape.lean.LeanLogFormatter"
 
 EXTENSIONS = {
     "hexscrape.lean.LeanItemPath": 0,
+    "hexscrape.lean.LeanSignals": 0,
+    # Off by default in hexscrape (REMOTE_CONTROL_ENABLED=False), and loading
+    # it imports aiohttp (~80 ms per process start): re-add it to use it.
+    "scrapy.extensions.remote_control.RemoteControl": None,
     "hexscrape.extensions.StatsDump": 900,
     "hexscrape.extensions.StatsReporter": 910,
     "hexscrape.extensions.SliceLeaseKeeper": 920,

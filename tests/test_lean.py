@@ -65,3 +65,52 @@ def test_debug_records_skipped_at_info_and_kept_at_debug(sandbox, tmp_path):
     _, debug_log, _ = run_lean_spider(sandbox, tmp_path, "LOG_LEVEL=DEBUG")
     assert debug_log.count("Crawled (200)") == 4
     assert debug_log.count("Scraped from") == len(EXPECTED_ITEMS)
+
+
+def test_lean_signals_deliver_to_receivers_and_skip_the_rest():
+    from pydispatch import dispatcher
+
+    from hexscrape.lean import LeanSignals
+
+    crawler = get_crawler()
+    LeanSignals.from_crawler(crawler)
+    item_sig, other_sig = object(), object()
+    got = []
+
+    def on_item(item, **kw):
+        got.append(("item", item))
+        return "seen"
+
+    def on_anything(signal, **kw):
+        got.append(("any", signal))
+
+    assert crawler.signals.send_catch_log(item_sig, item=1) == []
+    crawler.signals.connect(on_item, signal=item_sig)
+    assert crawler.signals.send_catch_log(item_sig, item=2) == [(on_item, "seen")]
+    assert crawler.signals.send_catch_log(other_sig) == []
+    crawler.signals.connect(on_anything, signal=dispatcher.Any)
+    crawler.signals.send_catch_log(other_sig)
+    crawler.signals.disconnect(on_anything, signal=dispatcher.Any)
+    crawler.signals.disconnect(on_item, signal=item_sig)
+    crawler.signals.send_catch_log(item_sig, item=3)
+    crawler.signals.send_catch_log(other_sig)
+    assert got == [("item", 2), ("any", other_sig)]
+
+
+async def _send_async(crawler, signal, **kw):
+    return await crawler.signals.send_catch_log_async(signal, **kw)
+
+
+def test_lean_signals_async_send():
+    import asyncio
+
+    from hexscrape.lean import LeanSignals
+
+    crawler = get_crawler()
+    LeanSignals.from_crawler(crawler)
+    item_sig, other_sig = object(), object()
+    got = []
+    crawler.signals.connect(lambda item, **kw: got.append(item), signal=item_sig, weak=False)
+    asyncio.run(_send_async(crawler, item_sig, item=1))
+    assert asyncio.run(_send_async(crawler, other_sig, item=2)) == []
+    assert got == [1]
