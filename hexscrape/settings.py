@@ -74,9 +74,6 @@ LOG_FORMATTER = "hexscrape.lean.LeanLogFormatter"
 EXTENSIONS = {
     "hexscrape.lean.LeanItemPath": 0,
     "hexscrape.lean.LeanSignals": 0,
-    # Off by default in hexscrape (REMOTE_CONTROL_ENABLED=False), and loading
-    # it imports aiohttp (~80 ms per process start): re-add it to use it.
-    "scrapy.extensions.remote_control.RemoteControl": None,
     "hexscrape.extensions.StatsDump": 900,
     "hexscrape.extensions.StatsReporter": 910,
     "hexscrape.extensions.SliceLeaseKeeper": 920,
