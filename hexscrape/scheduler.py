@@ -45,8 +45,8 @@ How the worker uses the frontier:
   unstarted leases back at the front of the queue. It never deletes shared keys.
 
 Settings, stats and keys are documented in :mod:`hexscrape.frontier`.
-``FRONTIER_FALLBACK_SCHEDULER`` (default Scrapy's) is the scheduler used
-without ``REDIS_URL``.
+``FRONTIER_FALLBACK_SCHEDULER`` (default :class:`hexscrape.lean.LeanScheduler`,
+Scrapy's own with ``JOBDIR``) is the scheduler used without ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -492,7 +492,7 @@ class FrontierScheduler(RedisScheduler):
         cfg = frontier_config(crawler.settings, spider_name)
         if cfg is None:
             fallback = crawler.settings.get("FRONTIER_FALLBACK_SCHEDULER") or (
-                "scrapy.core.scheduler.Scheduler"
+                "hexscrape.lean.LeanScheduler"
             )
             return build_from_crawler(load_object(fallback), crawler)
         return cls(crawler, cfg)

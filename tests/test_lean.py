@@ -114,3 +114,73 @@ def test_lean_signals_async_send():
     asyncio.run(_send_async(crawler, item_sig, item=1))
     assert asyncio.run(_send_async(crawler, other_sig, item=2)) == []
     assert got == [1]
+
+
+def _schedulers(**settings):
+    from scrapy import Spider
+    from scrapy.core.scheduler import Scheduler
+
+    from hexscrape.lean import LeanScheduler
+
+    spider_settings = {"SCHEDULER_PRIORITY_QUEUE": "scrapy.pqueues.ScrapyPriorityQueue", **settings}
+    out = []
+    for cls in (LeanScheduler, Scheduler):
+        crawler = get_crawler(settings_dict=spider_settings)
+        crawler.stats = LeanStatsCollector(crawler)
+        sched = cls.from_crawler(crawler)
+        sched.open(Spider.from_crawler(crawler, "lean"))
+        out.append((sched, crawler.stats))
+    return out
+
+
+def test_lean_scheduler_orders_like_scrapys():
+    import random
+
+    from scrapy import Request
+
+    rng = random.Random(7)
+    (lean, _), (scrapy_sched, _) = _schedulers()
+    popped = {id(lean): [], id(scrapy_sched): []}
+    for step in range(600):
+        if rng.random() < 0.6:
+            url = f"http://127.0.0.1/{rng.randrange(300)}"  # some duplicates
+            prio = rng.choice([-1, 0, 0, 0, 2])
+            start = rng.random() < 0.5
+            for sched in (lean, scrapy_sched):
+                r = Request(url, priority=prio, meta={"is_start_request": True} if start else {})
+                sched.enqueue_request(r)
+        else:
+            for sched in (lean, scrapy_sched):
+                r = sched.next_request()
+                popped[id(sched)].append(None if r is None else (r.url, r.priority))
+        assert len(lean) == len(scrapy_sched)
+        assert lean.has_pending_requests() == scrapy_sched.has_pending_requests()
+    while scrapy_sched.has_pending_requests():
+        for sched in (lean, scrapy_sched):
+            r = sched.next_request()
+            popped[id(sched)].append((r.url, r.priority))
+    assert lean.next_request() is None
+    assert popped[id(lean)] == popped[id(scrapy_sched)]
+    assert len(popped[id(lean)]) > 200
+
+
+def test_lean_scheduler_filters_duplicates_and_counts_like_scrapy():
+    from scrapy import Request
+
+    (lean, lean_stats), (scrapy_sched, scrapy_stats) = _schedulers()
+    for sched in (lean, scrapy_sched):
+        assert sched.enqueue_request(Request("http://127.0.0.1/a?x=1&y=2"))
+        assert not sched.enqueue_request(Request("http://127.0.0.1/a?y=2&x=1"))  # canonical duplicate
+        assert sched.enqueue_request(Request("http://127.0.0.1/a?x=1&y=2", dont_filter=True))
+        assert sched.next_request() is not None
+    assert lean_stats.get_stats() == scrapy_stats.get_stats()
+    assert lean_stats.get_value("dupefilter/filtered") == 1
+
+
+def test_lean_scheduler_leaves_jobdir_crawls_to_scrapy(tmp_path):
+    from scrapy.core.scheduler import Scheduler
+
+    from hexscrape.lean import LeanScheduler
+
+    crawler = get_crawler(settings_dict={"JOBDIR": str(tmp_path / "job")})
+    assert type(LeanScheduler.from_crawler(crawler)) is Scheduler

@@ -32,8 +32,10 @@ def test_round_robin_within_slice_and_items(sandbox, crawl, tmp_path):
 
     urls = ip_urls(sandbox.http_origin, 20)
     env = crawler_env(sandbox, SESSION_RANGE_START=5, SESSION_RANGE_END=9, WORKER_SLOT=3)
-    res = crawl("-a", f"urls={url_file(tmp_path, urls)}", env=env)
+    # The in-process scheduler drops repeated URLs, as Scrapy's does.
+    res = crawl("-a", f"urls={url_file(tmp_path, urls + urls[:3])}", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stats["dupefilter/filtered"] == 3
 
     sessions = [r["session"] for r in sandbox.gateway.records() if r["kind"] == "http"]
     assert Counter(sessions) == {"s005": 5, "s006": 5, "s007": 5, "s008": 5}
