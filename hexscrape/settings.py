@@ -37,6 +37,9 @@ DOWNLOADER_MIDDLEWARES = {
     "scrapy.downloadermiddlewares.httpauth.HttpAuthMiddleware": None,
     "scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware": None,
     "scrapy.downloadermiddlewares.stats.DownloaderStats": None,
+    # Scrapy's, answering "empty jar, no Set-Cookie" without the cookie parser.
+    "scrapy.downloadermiddlewares.cookies.CookiesMiddleware": None,
+    "hexscrape.lean.LeanCookiesMiddleware": 700,
     # Scrapy's, minus a start-up warning about the disabled RefererMiddleware.
     "scrapy.downloadermiddlewares.redirect.RedirectMiddleware": None,
     "hexscrape.middlewares.RedirectMiddleware": 600,

@@ -184,3 +184,33 @@ def test_lean_scheduler_leaves_jobdir_crawls_to_scrapy(tmp_path):
 
     crawler = get_crawler(settings_dict={"JOBDIR": str(tmp_path / "job")})
     assert type(LeanScheduler.from_crawler(crawler)) is Scheduler
+
+
+def test_lean_cookies_middleware_sends_what_scrapys_sends():
+    from scrapy import Request
+    from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+    from scrapy.http import Response
+
+    from hexscrape.lean import LeanCookiesMiddleware
+
+    def run(mw):
+        sent = []
+
+        def fetch(url, jar, set_cookie=None, **kw):
+            req = Request(url, meta={"cookiejar": jar}, **kw)
+            assert mw.process_request(req) is None
+            sent.append(req.headers.getlist("Cookie"))
+            headers = {"Set-Cookie": set_cookie} if set_cookie else {}
+            assert mw.process_response(req, Response(url, headers=headers, request=req)) is not None
+
+        fetch("http://a.example/1", "s1", headers={"Cookie": "stale=1"})  # dropped, as in Scrapy
+        fetch("http://a.example/2", "s1", set_cookie="sid=abc; Path=/")
+        fetch("http://a.example/3", "s1")
+        fetch("http://a.example/4", "s2")  # another session's jar stays empty
+        fetch("http://a.example/5", "s2", cookies={"lang": "en"})
+        fetch("http://a.example/6", "s2")
+        return sent
+
+    crawler = get_crawler()
+    lean, plain = LeanCookiesMiddleware.from_crawler(crawler), CookiesMiddleware.from_crawler(crawler)
+    assert run(lean) == run(plain) == [[], [], [b"sid=abc"], [], [b"lang=en"], [b"lang=en"]]
