@@ -19,6 +19,9 @@ switched back to Scrapy's own:
   scheduler used without ``REDIS_URL``.
 - ``DOWNLOADER_MIDDLEWARES["hexscrape.lean.LeanCookiesMiddleware"]`` in place of
   Scrapy's ``CookiesMiddleware``.
+- ``DOWNLOADER_MIDDLEWARES["hexscrape.lean.LeanRequestDefaults"]`` in place of
+  ``DownloadTimeoutMiddleware``, ``DefaultHeadersMiddleware`` and
+  ``UserAgentMiddleware``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from scrapy.logformatter import LogFormatter
 from scrapy.statscollectors import MemoryStatsCollector
 from scrapy.core.scheduler import Scheduler
 from scrapy.downloadermiddlewares.cookies import CookiesMiddleware
+from scrapy.http import Headers
+from scrapy.utils.deprecate import warn_on_deprecated_spider_attribute
+from scrapy.utils.python import without_none_values
 from scrapy.utils.defer import aiter_errback, iter_errback
 from scrapy.utils.job import job_dir
 from scrapy.utils.misc import build_from_crawler, load_object
@@ -323,3 +329,54 @@ class LeanCookiesMiddleware(CookiesMiddleware):
         if not self.debug and b"Set-Cookie" not in headers and b"Set-Cookie2" not in headers:
             return response  # nothing to store
         return super().process_response(request, response)
+
+
+class LeanRequestDefaults:
+    """Scrapy's download-timeout, default-headers and user-agent middlewares in one step.
+
+    Each of the three is a middleware hop per request, and each
+    ``headers.setdefault`` re-normalises its header name and value. Here the
+    headers are normalised once, at start, and applied in one hop with
+    Scrapy's semantics: ``DOWNLOAD_TIMEOUT`` (or the spider's
+    ``download_timeout``) into ``meta["download_timeout"]`` unless set;
+    ``DEFAULT_REQUEST_HEADERS``, then ``USER_AGENT`` (or the spider's
+    ``user_agent``), each only where the request lacks that header.
+    """
+
+    def __init__(self, timeout: float, headers: dict[str, Any], user_agent: str | None) -> None:
+        self._timeout = timeout
+        self._default_headers = headers
+        self._user_agent = user_agent
+        self._headers: list[tuple[bytes, list[bytes]]] = []
+        self._build()
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        settings = crawler.settings
+        o = cls(settings.getfloat("DOWNLOAD_TIMEOUT"),
+                without_none_values(settings["DEFAULT_REQUEST_HEADERS"]), settings["USER_AGENT"])
+        crawler.signals.connect(o.spider_opened, signal=signals.spider_opened)
+        return o
+
+    def spider_opened(self, spider: Spider) -> None:
+        for attr, setting in (("download_timeout", "DOWNLOAD_TIMEOUT"), ("user_agent", "USER_AGENT")):
+            if hasattr(spider, attr):  # deprecated by Scrapy; warn as its middlewares do
+                warn_on_deprecated_spider_attribute(attr, setting)
+        self._timeout = getattr(spider, "download_timeout", self._timeout)
+        self._user_agent = getattr(spider, "user_agent", self._user_agent)
+        self._build()
+
+    def _build(self) -> None:
+        norm = Headers()
+        pairs = list(self._default_headers.items())
+        if self._user_agent:
+            pairs.append(("User-Agent", self._user_agent))
+        self._headers = [(norm.normkey(k), norm.normvalue(v)) for k, v in pairs]
+
+    def process_request(self, request: Request) -> None:
+        if self._timeout:
+            request.meta.setdefault("download_timeout", self._timeout)
+        headers = request.headers
+        for key, value in self._headers:  # keys and values already normalised
+            if not dict.__contains__(headers, key):
+                dict.__setitem__(headers, key, value.copy())

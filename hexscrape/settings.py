@@ -37,6 +37,11 @@ DOWNLOADER_MIDDLEWARES = {
     "scrapy.downloadermiddlewares.httpauth.HttpAuthMiddleware": None,
     "scrapy.downloadermiddlewares.redirect.MetaRefreshMiddleware": None,
     "scrapy.downloadermiddlewares.stats.DownloaderStats": None,
+    # Download timeout, default headers and user agent in one hop (hexscrape.lean).
+    "scrapy.downloadermiddlewares.downloadtimeout.DownloadTimeoutMiddleware": None,
+    "scrapy.downloadermiddlewares.defaultheaders.DefaultHeadersMiddleware": None,
+    "scrapy.downloadermiddlewares.useragent.UserAgentMiddleware": None,
+    "hexscrape.lean.LeanRequestDefaults": 400,
     # Scrapy's, answering "empty jar, no Set-Cookie" without the cookie parser.
     "scrapy.downloadermiddlewares.cookies.CookiesMiddleware": None,
     "hexscrape.lean.LeanCookiesMiddleware": 700,

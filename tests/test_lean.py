@@ -183,7 +183,9 @@ def test_lean_scheduler_leaves_jobdir_crawls_to_scrapy(tmp_path):
     from hexscrape.lean import LeanScheduler
 
     crawler = get_crawler(settings_dict={"JOBDIR": str(tmp_path / "job")})
-    assert type(LeanScheduler.from_crawler(crawler)) is Scheduler
+    sched = LeanScheduler.from_crawler(crawler)
+    sched.df.close("finished")
+    assert type(sched) is Scheduler
 
 
 def test_lean_cookies_middleware_sends_what_scrapys_sends():
@@ -214,3 +216,45 @@ def test_lean_cookies_middleware_sends_what_scrapys_sends():
     crawler = get_crawler()
     lean, plain = LeanCookiesMiddleware.from_crawler(crawler), CookiesMiddleware.from_crawler(crawler)
     assert run(lean) == run(plain) == [[], [], [b"sid=abc"], [], [b"lang=en"], [b"lang=en"]]
+
+
+@pytest.mark.parametrize("spider_attrs", [{}, {"user_agent": "spider-ua/1", "download_timeout": 7}])
+@pytest.mark.filterwarnings("ignore:The '.*' spider attribute is deprecated")
+def test_lean_request_defaults_match_scrapys_three_middlewares(spider_attrs):
+    from scrapy import Request, Spider
+    from scrapy.downloadermiddlewares.defaultheaders import DefaultHeadersMiddleware
+    from scrapy.downloadermiddlewares.downloadtimeout import DownloadTimeoutMiddleware
+    from scrapy.downloadermiddlewares.useragent import UserAgentMiddleware
+
+    from hexscrape.lean import LeanRequestDefaults
+
+    settings = {"USER_AGENT": "hexscrape-test", "DOWNLOAD_TIMEOUT": 12,
+                "DEFAULT_REQUEST_HEADERS": {"Accept": "text/html", "X-Gone": None, "accept-language": "en"}}
+    crawler = get_crawler(settings_dict=settings)
+    spider = Spider.from_crawler(crawler, "t")
+    for k, v in spider_attrs.items():
+        setattr(spider, k, v)
+    scrapy_mws = [cls.from_crawler(crawler) for cls in
+                  (DownloadTimeoutMiddleware, DefaultHeadersMiddleware, UserAgentMiddleware)]
+    lean = LeanRequestDefaults.from_crawler(crawler)
+    for mw in (*scrapy_mws, lean):
+        if hasattr(mw, "spider_opened"):
+            mw.spider_opened(spider)
+
+    def requests():
+        return [Request("http://a.example/"),
+                Request("http://a.example/", headers={"User-Agent": "mine", "accept": "*/*"},
+                        meta={"download_timeout": 3})]
+
+    for ours, theirs in zip(requests(), requests()):
+        lean.process_request(ours)
+        for mw in scrapy_mws:
+            mw.process_request(theirs)
+        assert dict(ours.headers) == dict(theirs.headers)
+        assert ours.meta == theirs.meta
+    first = requests()[0]
+    lean.process_request(first)
+    second = requests()[0]
+    lean.process_request(second)
+    second.headers.appendlist("Accept", "x/y")  # values are per request, not shared
+    assert first.headers.getlist("Accept") == [b"text/html"]
