@@ -26,6 +26,7 @@ switched back to Scrapy's own:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -237,6 +238,8 @@ class LeanScheduler:
         self._start: dict[int, deque[Request]] = {}  # start requests, FIFO
         self._top: int | None = None  # highest priority with a request
         self._len = 0
+        self._peak = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Any:
@@ -250,10 +253,23 @@ class LeanScheduler:
         return self.df.open()
 
     def close(self, reason: str) -> Deferred[None] | None:
+        if self.stats is not None:
+            self.stats.max_value("hexscrape/scheduler/peak_queued", self._peak)
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
         return self.df.close(reason)
 
     def has_pending_requests(self) -> bool:
         return self._len > 0
+
+    async def wait_below(self, low: int) -> None:
+        """Until at most *low* requests are queued: lets start() feed lazily."""
+        if self._len <= low:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((low, fut))
+        await fut
 
     def __len__(self) -> int:
         return self._len
@@ -269,6 +285,8 @@ class LeanScheduler:
             q = queues[prio] = deque()
         q.append(request)
         self._len += 1
+        if self._len > self._peak:
+            self._peak = self._len
         if self._top is None or prio > self._top:
             self._top = prio
         if self.stats is not None:
@@ -294,10 +312,23 @@ class LeanScheduler:
         if prio not in self._queues and prio not in self._start:
             self._top = max(self._queues.keys() | self._start.keys(), default=None)
         self._len -= 1
+        if self._waiters:
+            self._wake()
         if self.stats is not None:
             self.stats.inc_value("scheduler/dequeued/memory")
             self.stats.inc_value("scheduler/dequeued")
         return request
+
+    def _wake(self) -> None:
+        keep = []
+        for low, fut in self._waiters:
+            if fut.done():
+                continue
+            if self._len <= low:
+                fut.set_result(None)
+            else:
+                keep.append((low, fut))
+        self._waiters = keep
 
 
 class LeanCookiesMiddleware(CookiesMiddleware):

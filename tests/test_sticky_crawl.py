@@ -202,3 +202,15 @@ def test_gateway_down_gives_one_clear_error_and_loses_nothing(sandbox, redis_url
     res = run_crawl(tmp_path, env=crawler_env(sandbox, REDIS_URL=redis_url, **fast), output="live.jsonl")
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(i["url"] for i in res.items) == sorted(urls)
+
+
+def test_a_big_url_file_is_read_lazily(sandbox, crawl, tmp_path):
+    # Scrapy would queue the whole file while the downloader is busy; the ip
+    # spider keeps at most HEXSCRAPE_START_BACKLOG requests queued.
+    urls = ip_urls(sandbox.http_origin, 400)
+    env = crawler_env(sandbox, SESSION_POOL_SIZE=4)
+    res = crawl("-a", f"urls={url_file(tmp_path, urls)}", "-s", "HEXSCRAPE_START_BACKLOG=30",
+                "-s", "CONCURRENT_REQUESTS=4", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(i["url"] for i in res.items) == sorted(urls)
+    assert 0 < res.stats["hexscrape/scheduler/peak_queued"] <= 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,16 @@ from hexscrape.urls import DEFAULT_URL_TEMPLATE, check_url_file, iter_lines, url
 logger = logging.getLogger(__name__)
 
 MAX_INVALID_WARNINGS = 20
+
+
+async def wait_below(scheduler: Any, low: int) -> None:
+    """Until *scheduler* holds at most *low* requests."""
+    wait = getattr(scheduler, "wait_below", None)  # hexscrape.lean.LeanScheduler
+    if wait is not None:
+        await wait(low)
+        return
+    while len(scheduler) > low:  # another scheduler (Scrapy's, with JOBDIR)
+        await asyncio.sleep(0.05)
 
 
 def _parse_count(raw: Any) -> int:
@@ -95,8 +106,16 @@ class IpSpider(scrapy.Spider):
             if self.urls_file or self.count_given:
                 await scheduler.seed_urls(self.iter_start_urls())
             return
+        # Scrapy keeps taking start requests while the downloader is full, so
+        # a big URL file would land in memory at once. Keep at most a backlog
+        # of HEXSCRAPE_START_BACKLOG queued requests (default 4 x
+        # CONCURRENT_REQUESTS, at least 100); refill when half of it is gone.
+        backlog = self.settings.getint("HEXSCRAPE_START_BACKLOG") or max(
+            100, 4 * self.settings.getint("CONCURRENT_REQUESTS"))
         for url in self.iter_start_urls():
             yield self.make_request(url)
+            if scheduler is not None and len(scheduler) >= backlog:
+                await wait_below(scheduler, backlog // 2)
 
     # -- results -------------------------------------------------------------
 
