@@ -103,6 +103,10 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 10.0
 POLL_MIN = 0.05
 FLUSH_BATCH = 500
+# While writes come faster than this, a flush waits this long for more: one
+# Redis call per ~15 acks at full speed instead of one per ack, ~7% of a
+# worker's CPU. Slower than that, each write goes out at once.
+FLUSH_LINGER = 0.01
 SEED_BATCH = 500
 MAX_WARNINGS = 10
 
@@ -472,6 +476,7 @@ class FrontierScheduler(RedisScheduler):
         self._injected: set[Request] = set()
         self._outbox: list[tuple[fr.Op, str | None]] = []
         self._flush_task: asyncio.Future[None] | None = None
+        self._last_flush = 0.0
         self._tasks: list[asyncio.Future[None]] = []
         self._room = asyncio.Event()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -712,7 +717,12 @@ class FrontierScheduler(RedisScheduler):
         return self._flush_task
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._outbox:
+            since = loop.time() - self._last_flush
+            if since < FLUSH_LINGER and len(self._outbox) < FLUSH_BATCH and not self._stopping:
+                await asyncio.sleep(FLUSH_LINGER - since)
+            self._last_flush = loop.time()
             batch = self._outbox[:FLUSH_BATCH]
             results = await self._redis(self.frontier.apply, [op for op, _ in batch],
                                         fr.new_token())

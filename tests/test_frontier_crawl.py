@@ -248,7 +248,9 @@ def _crawl_with_a_crash(sandbox, redis_url, rclient, workers, tmp_path, restart:
     counts = fetched(sandbox)
     assert set(counts) == set(paths(urls)), "a URL was lost"
     duplicates = sum(n - 1 for n in counts.values())
-    assert duplicates <= CONCURRENCY, (duplicates, counts)  # at most its in-flight ones
+    # At most its in-flight ones, plus the few that finished within the last
+    # FLUSH_LINGER (10 ms) whose acks were still being batched.
+    assert duplicates <= CONCURRENCY + 3, (duplicates, counts)
     reclaimed = sum(w.stats.get("hexscrape/frontier/reclaimed", 0) for w in ws)
     assert reclaimed >= 1
     assert_frontier_done(rclient)
