@@ -72,7 +72,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from hexscrape.config import DEFAULT_POOL_SIZE, ConfigError, load_config, redact_url
 from hexscrape.exitcodes import EXIT_CONFIG, EXIT_PROXY_AUTH, exit_code_for

@@ -6,6 +6,8 @@ deliberately not set here: hexscrape.config reads them from the Scrapy
 settings first (-s NAME=..., scrapyd job settings) and then the environment.
 """
 
+from importlib.util import find_spec as _find_spec
+
 BOT_NAME = "hexscrape"
 SPIDER_MODULES = ["hexscrape.spiders"]
 NEWSPIDER_MODULE = "hexscrape.spiders"
@@ -67,11 +69,7 @@ DOWNLOAD_HANDLERS = {
 # uvloop runs the asyncio loop under Twisted's asyncio reactor ~5% cheaper.
 # It must be chosen here (or with -s), before the reactor is installed; a
 # spider's custom_settings is too late. Skipped where uvloop is not installed.
-try:
-    import uvloop  # noqa: F401
-except ImportError:  # pragma: no cover - e.g. Windows
-    pass
-else:
+if _find_spec("uvloop") is not None:  # not on Windows
     ASYNCIO_EVENT_LOOP = "uvloop.Loop"
 
 # Lean versions of Scrapy's per-request stats, log and item paths

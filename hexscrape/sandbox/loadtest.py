@@ -110,7 +110,7 @@ async def _worker(mode: str, gw: tuple[str, int], auth: bytes, ip: bytes, deadli
                     stats["errors"] += 1
             stats["ok"] += ok
             transport.close()
-        except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
             stats["errors"] += 1
             stats.setdefault("last_error", 0)
             if time.perf_counter() < deadline:
